@@ -1,0 +1,25 @@
+# Shared by scripts/test and scripts/serve: a virtualenv in .venv with this project installed.
+apt_install() {
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "note: could not install $* (not root or no apt-get)" >&2
+    return 1
+  fi
+}
+
+# Install the Debian packages whose command of the same name is missing.
+ensure_commands() {
+  local missing=()
+  for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}" || true
+}
+
+ensure_venv() {
+  local spec=$1
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }
+  fi
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e "$spec"
+}
