@@ -1,0 +1,110 @@
+"""data2vec audio front end: conv feature encoder, feature projection, mask embedding, stacked positional convs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import EncoderConfig
+from .transformer import EncoderOutput, Transformer
+
+
+def conv_output_lengths(lengths: Tensor, conv_layers: list[list[int]]) -> Tensor:
+    for _, kernel, stride in conv_layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths
+
+
+class ConvBlock(nn.Module):
+    """Conv1d -> LayerNorm over channels -> GELU. Frame-local after the conv, so padding cannot leak sideways."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel, stride=stride, bias=bias)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+
+class FeatureProjection(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.conv_layers[-1][0], eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(cfg.conv_layers[-1][0], cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.feature_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.norm(x)))
+
+
+class PositionalConv(nn.Module):
+    """Grouped conv -> LayerNorm (no affine) -> GELU; an even kernel drops its last output frame."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        k = cfg.pos_conv_kernel
+        self.conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=k // 2, groups=cfg.pos_conv_groups)
+        self.trim = 1 if k % 2 == 0 else 0
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, D, T]
+        y = self.conv(x)
+        if self.trim:
+            y = y[:, :, : -self.trim]
+        return F.gelu(self.norm(y.transpose(1, 2)).transpose(1, 2))
+
+
+class AudioEncoder(nn.Module):
+    input_names = ("input_values", "attention_mask")
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dims = [1] + [c[0] for c in cfg.conv_layers]
+        self.feature_extractor = nn.ModuleList(
+            ConvBlock(dims[i], dim, k, s, cfg.conv_bias) for i, (dim, k, s) in enumerate(cfg.conv_layers)
+        )
+        self.feature_projection = FeatureProjection(cfg)
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.hidden_size).uniform_())
+        self.pos_conv = nn.ModuleList(PositionalConv(cfg) for _ in range(cfg.pos_conv_layers))
+        self.input_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(cfg)
+
+    def embed(self, input_values: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Waveform [B, S] -> projected frames [B, T, D] and the frame validity mask."""
+        if attention_mask is not None:  # whatever sits in padded samples must not matter
+            input_values = input_values * attention_mask.to(input_values.dtype)
+        x = input_values.unsqueeze(1)
+        for block in self.feature_extractor:
+            x = block(x)
+        x = self.feature_projection(x.transpose(1, 2))
+        if attention_mask is None:
+            return x, None
+        lengths = conv_output_lengths(attention_mask.long().sum(-1), self.cfg.conv_layers)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        return x, valid
+
+    def encode(self, x: Tensor, valid_mask: Tensor | None) -> EncoderOutput:
+        """Positional convs, input norm and the Transformer. Padded frames are re-zeroed before every positional
+        conv layer, so an item inside a padded batch computes exactly what it computes alone."""
+        keep = None if valid_mask is None else valid_mask.unsqueeze(-1).to(x.dtype)
+        pos = x if keep is None else x * keep
+        x = pos
+        pos = pos.transpose(1, 2)
+        for layer in self.pos_conv:
+            if keep is not None:
+                pos = pos * keep.transpose(1, 2)
+            pos = layer(pos)
+        x = self.input_dropout(self.input_norm(x + pos.transpose(1, 2)))
+        return self.transformer(x, valid_mask)
+
+    def forward(
+        self, input_values: Tensor, attention_mask: Tensor | None = None, mask: Tensor | None = None
+    ) -> EncoderOutput:
+        x, valid = self.embed(input_values, attention_mask)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+        return self.encode(x, valid)
