@@ -136,7 +136,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.layerdrop = cfg.layerdrop
-        rates = torch.linspace(0, cfg.drop_path, cfg.num_layers).tolist()
+        rates = [cfg.drop_path * i / max(1, cfg.num_layers - 1) for i in range(cfg.num_layers)]  # linear decay
         self.layers = nn.ModuleList(TransformerLayer(cfg, r) for r in rates)
         shared = cfg.modality == "image" and cfg.rel_pos_bias == "shared"
         self.rel_pos_bias = RelativePositionBias(cfg.grid_size, cfg.num_heads) if shared else None
