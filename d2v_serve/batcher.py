@@ -1,0 +1,314 @@
+"""One batcher per model: a bounded queue drained by one worker thread that owns the model's session.
+
+The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
+inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
+order (within a window of queued inputs) while the padded cost (inputs x longest, rounded up to the pad multiple)
+stays within the budget. Only an idle session waits, at most `max_delay_s` after the oldest input arrived, for a
+fuller batch. Per-input results (slicing, pooling, packing) are finished on a second thread, overlapping the next run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .errors import ServeError, deadline_exceeded, internal, resource_exhausted, unavailable
+from .preprocess import collate
+from .runtime import Runner
+
+log = logging.getLogger(__name__)
+
+OUTPUT_MASK = "output_mask"
+
+
+@dataclass
+class BatchPolicy:
+    max_batch_size: int = 64
+    budget: int = 16384  # padded cost units per batch: text tokens, audio samples, image pixels
+    pad_multiple: int = 1  # batch length rounded up to a multiple of this (bounds the number of shapes)
+    max_length: int = 0  # padding never goes beyond this (text: the model's positions); 0: no cap
+    max_delay_s: float = 0.002
+    sort_window: int = 512
+    max_queue: int = 2048
+
+    def padded(self, length: int) -> int:
+        n = -(-length // self.pad_multiple) * self.pad_multiple
+        return min(n, max(self.max_length, length)) if self.max_length else n
+
+
+@dataclass(eq=False)
+class Item:
+    """One prepared input waiting for the model. `finish` maps its [positions, hidden] output to the result."""
+
+    value: np.ndarray
+    length: int  # cost units: tokens, samples or pixels
+    output: str  # the graph output it needs
+    finish: Callable[[np.ndarray], Any]
+    deadline: float | None = None  # time.monotonic() value
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued: float = 0.0
+
+
+@dataclass
+class ItemResult:
+    value: Any
+    positions: int
+    queue_s: float
+    run_s: float
+    batch_size: int
+
+
+class Batcher:
+    def __init__(self, name: str, modality: str, runner: Runner, policy: BatchPolicy, pad_id: int = 1,
+                 on_death: Callable[[str, BaseException], None] | None = None) -> None:
+        self.name, self.modality, self.runner, self.policy, self.pad_id = name, modality, runner, policy, pad_id
+        self._on_death = on_death
+        self._cond = threading.Condition()
+        self._queue: list[Item] = []  # arrival order
+        self._queued_cost = 0
+        self._admitted = 0  # reserved slots: inputs being preprocessed or queued
+        self.state = "new"  # new -> warming -> ready -> closing -> closed; or dead
+        self.ready = concurrent.futures.Future()  # resolves when warmed up (exception: died before)
+        self._thread = threading.Thread(target=self._main, name=f"d2v-run-{name}", daemon=True)
+        self._post = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"d2v-post-{name}")
+        self._warmup: list[list[np.ndarray]] = []
+        self._depth_gauge = metrics.QUEUE_DEPTH.labels(name)
+        self._up_gauge = metrics.WORKER_UP.labels(name)
+
+    # ---- called from the event loop -------------------------------------------------------------------------
+
+    def start(self, warmup: Sequence[Sequence[np.ndarray]] = ()) -> concurrent.futures.Future:
+        """Start the worker; it runs each warm-up batch (lists of prepared values) before `ready` resolves."""
+        self._warmup = [list(b) for b in warmup]
+        self.state = "warming"
+        self._thread.start()
+        return self.ready
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("warming", "ready", "closing")
+
+    @property
+    def depth(self) -> int:
+        return self._admitted
+
+    def reserve(self, n: int) -> None:
+        """Admit `n` inputs (before preprocessing them) or raise RESOURCE_EXHAUSTED / UNAVAILABLE."""
+        with self._cond:
+            if self.state == "dead":
+                raise unavailable(f"model {self.name} is down (its worker stopped); the server reports NOT_SERVING")
+            if self.state in ("closing", "closed"):
+                raise unavailable("server is shutting down")
+            if self._admitted + n > self.policy.max_queue:
+                raise resource_exhausted(f"model {self.name} queue is full ({self._admitted} of "
+                                         f"{self.policy.max_queue} inputs pending); retry with backoff")
+            self._admitted += n
+            self._depth_gauge.set(self._admitted)
+
+    def release(self, n: int) -> None:
+        """Give back reservations of inputs that will not be submitted (bad input, cancelled call)."""
+        with self._cond:
+            self._admitted -= n
+            self._depth_gauge.set(self._admitted)
+            self._cond.notify()
+
+    def submit(self, items: Sequence[Item]) -> None:
+        """Queue reserved inputs. Each item's future gets an ItemResult or a ServeError."""
+        now = time.monotonic()
+        with self._cond:
+            if self.state == "dead":
+                self._admitted -= len(items)
+                raise unavailable(f"model {self.name} is down (its worker stopped)")
+            for item in items:
+                item.enqueued = now
+                self._queued_cost += self.policy.padded(item.length)
+            self._queue.extend(items)
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish everything admitted, then stop the worker."""
+        with self._cond:
+            if self.state in ("warming", "ready", "new"):
+                self.state = "closing"
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._post.shutdown(wait=True)
+
+    # ---- the worker thread ----------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            for values in self._warmup:
+                outputs = [o for o in self.runner.output_names if o != OUTPUT_MASK] + [OUTPUT_MASK]
+                self._run(values, outputs)
+            with self._cond:
+                if self.state == "warming":
+                    self.state = "ready"
+            self._up_gauge.set(1)
+            self.ready.set_result(None)
+            while (batch := self._next_batch()) is not None:
+                self._process(batch)
+            with self._cond:
+                self.state = "closed"
+            self._up_gauge.set(0)
+        except BaseException as exc:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        log.error("model worker died", extra={"model": self.name, "error": f"{type(exc).__name__}: {exc}"},
+                  exc_info=exc)
+        self._up_gauge.set(0)
+        with self._cond:
+            self.state = "dead"
+            queued, self._queue = self._queue, []
+            self._admitted -= len(queued)
+            self._queued_cost = 0
+            self._depth_gauge.set(self._admitted)
+        for item in queued:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(unavailable(f"model {self.name} is down (its worker stopped)"))
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self._on_death is not None:
+            self._on_death(self.name, exc)
+
+    def _next_batch(self) -> list[Item] | None:
+        p = self.policy
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                self._drop_expired(now)
+                if self._queue:
+                    due = self._queue[0].enqueued + p.max_delay_s
+                    full = len(self._queue) >= p.max_batch_size or self._queued_cost >= p.budget
+                    if self.state == "closing" or full or now >= due:
+                        batch = self._select()
+                        self._remove(batch)
+                        batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
+                        if batch:
+                            return batch
+                        continue
+                    self._cond.wait(due - now)
+                elif self.state == "closing" and self._admitted == 0:
+                    return None
+                else:
+                    self._cond.wait()
+
+    def _drop_expired(self, now: float) -> None:
+        """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed."""
+        dropped = []
+        for item in self._queue:
+            if item.future.cancelled():
+                dropped.append(item)
+                metrics.DROPPED.labels(self.name, "cancelled").inc()
+            elif item.deadline is not None and now >= item.deadline:
+                dropped.append(item)
+                metrics.DROPPED.labels(self.name, "deadline").inc()
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(deadline_exceeded(
+                        f"deadline passed after {now - item.enqueued:.3f} s in the queue of model {self.name}"))
+        if dropped:
+            self._remove(dropped)
+
+    def _remove(self, items: list[Item]) -> None:
+        gone = {id(it) for it in items}
+        self._queue = [it for it in self._queue if id(it) not in gone]
+        self._queued_cost -= sum(self.policy.padded(it.length) for it in items)
+        self._admitted -= len(items)
+        self._depth_gauge.set(self._admitted)
+
+    def _select(self) -> list[Item]:
+        """The oldest input plus its nearest neighbours by length, within the budget and the batch size."""
+        p = self.policy
+        window = self._queue[: p.sort_window]
+        lengths = [p.padded(it.length) for it in window]
+        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
+        lo = hi = order.index(0)
+        longest, count = lengths[0], 1
+        while count < p.max_batch_size:
+            best: tuple[int, int, int] | None = None  # (extra padding, side, new longest)
+            if lo > 0:
+                shorter = lengths[order[lo - 1]]
+                if (count + 1) * longest <= p.budget:
+                    best = (longest - shorter, -1, longest)
+            if hi < len(order) - 1:
+                longer = lengths[order[hi + 1]]
+                extra = (longer - longest) * count
+                if (count + 1) * longer <= p.budget and (best is None or extra < best[0]):
+                    best = (extra, 1, longer)
+            if best is None:
+                break
+            _, side, longest = best
+            lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
+            count += 1
+        return [window[i] for i in order[lo: hi + 1]]
+
+    def _run(self, values: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        feeds = collate(self.modality, values, pad_id=self.pad_id)
+        if self.modality != "image":
+            feeds = self._pad(feeds)
+        return self.runner.run(feeds, outputs)
+
+    def _pad(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Right-pad the length axis to the policy's multiple (bounded number of shapes)."""
+        width = feeds["attention_mask"].shape[1]
+        extra = self.policy.padded(width) - width
+        if extra <= 0:
+            return feeds
+        pad_value = {"input_ids": self.pad_id}
+        return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=pad_value.get(k, 0)) for k, v in feeds.items()}
+
+    def _process(self, batch: list[Item]) -> None:
+        start = time.monotonic()
+        outputs = sorted({it.output for it in batch}) + [OUTPUT_MASK]
+        try:
+            outs = self._run([it.value for it in batch], outputs)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            if len(batch) > 1:
+                # Never let one input fail its batch-mates: run each alone, only the culprit fails.
+                log.warning("batch run failed, retrying inputs one by one",
+                            extra={"model": self.name, "batch_size": len(batch), "error": str(exc)[:300]})
+                for item in batch:
+                    self._process([item])
+                return
+            metrics.ERRORS.labels(self.name, "INTERNAL").inc()
+            batch[0].future.set_exception(internal(f"model {self.name} failed on this input: "
+                                                   f"{' '.join(str(exc).split())[:300]}"))
+            return
+        run_s = time.monotonic() - start
+        self._record(batch, outs, run_s)
+        self._post.submit(self._deliver, batch, outs, start, run_s)
+
+    def _record(self, batch: list[Item], outs: dict[str, np.ndarray], run_s: float) -> None:
+        mask = outs[OUTPUT_MASK]
+        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
+        metrics.PADDING.labels(self.name).observe(1.0 - float(mask.sum()) / max(1, mask.size))
+        metrics.STAGE_SECONDS.labels(self.name, "inference").observe(run_s)
+
+    def _deliver(self, batch: list[Item], outs: dict[str, np.ndarray], start: float, run_s: float) -> None:
+        t0 = time.monotonic()
+        valid = outs[OUTPUT_MASK].astype(bool)
+        queue_hist = metrics.STAGE_SECONDS.labels(self.name, "queue")
+        for i, item in enumerate(batch):
+            try:
+                hidden = outs[item.output][i][valid[i]]
+                result = ItemResult(item.finish(hidden), int(valid[i].sum()), start - item.enqueued, run_s,
+                                    len(batch))
+            except ServeError as exc:
+                item.future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - reported to this input's caller only
+                log.exception("postprocessing failed", extra={"model": self.name})
+                item.future.set_exception(internal(f"postprocessing failed: {exc}"))
+            else:
+                item.future.set_result(result)
+            queue_hist.observe(start - item.enqueued)
+        metrics.STAGE_SECONDS.labels(self.name, "postprocess").observe(time.monotonic() - t0)

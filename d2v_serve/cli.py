@@ -1,0 +1,140 @@
+"""Console scripts: `d2v-serve` (the server) and `d2v-embed` (a client: files or text in, .npy/.npz/JSON out)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEMO_MODELS = Path(__file__).resolve().parent / "demo_models"
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    from .config import parse_config
+    from .logs import setup_logging
+    from .model_file import ModelFileError
+    from .server import Server
+
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:
+        print(f"d2v-serve: {exc}", file=sys.stderr)
+        return 2
+    models = Path(config.models) if config.models else DEMO_MODELS
+    if not config.models and not any(DEMO_MODELS.glob("*.onnx")):
+        print(f"d2v-serve: no --models given and no bundled demo models in {DEMO_MODELS}; pass --models DIR",
+              file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    try:
+        return asyncio.run(Server(config, models).run())
+    except (ModelFileError, OSError, ValueError, RuntimeError) as exc:
+        print(f"d2v-serve: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="d2v-embed", description="Embed files or text with a d2v server.")
+    p.add_argument("inputs", nargs="*", help="audio/image files, or strings with --text; '-' reads text lines "
+                                             "from stdin")
+    p.add_argument("--server", default=os.environ.get("D2V_SERVER", "localhost:50051"),
+                   help="host:port [env D2V_SERVER; default localhost:50051]")
+    p.add_argument("--model", default="", help="model name (default: the server's only model for the modality)")
+    p.add_argument("--text", action="store_true", help="the inputs are strings, not files")
+    p.add_argument("--pooling", choices=("mean", "cls", "none"), default="mean")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors")
+    p.add_argument("--representation", choices=("last", "target"), default="last",
+                   help="last layer, or the data2vec target space")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of failing")
+    p.add_argument("-o", "--output", help="out.npy (stacked), out.npz (one array per input) or out.json; "
+                                          "default: JSON on stdout")
+    p.add_argument("--batch-size", type=int, default=32, help="inputs per request message")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
+    p.add_argument("--token", default=os.environ.get("D2V_AUTH_TOKEN", ""), help="bearer token [env D2V_AUTH_TOKEN]")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca)")
+    p.add_argument("--ca", help="PEM root certificates for TLS")
+    p.add_argument("--list-models", action="store_true", help="print the served models as JSON and exit")
+    return p
+
+
+def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
+    """The inputs to send and a display name for each."""
+    from .client import Audio, Image, sniff
+
+    items: list[object] = []
+    names: list[str] = []
+    for arg in args.inputs:
+        if arg == "-":
+            lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+            items += lines
+            names += [f"stdin:{i}" for i in range(len(lines))]
+        elif args.text:
+            items.append(arg)
+            names.append(arg)
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise ValueError(f"no such file: {arg} (use --text to embed strings)")
+            data = path.read_bytes()
+            items.append(Audio(data) if sniff(data) == "audio" else Image(data))
+            names.append(arg)
+    if not items:
+        raise ValueError("nothing to embed: give files, or strings with --text, or '-' for stdin lines")
+    return items, names
+
+
+def _write(arrays: list[np.ndarray], names: list[str], output: str | None) -> None:
+    if output and output.endswith(".npy"):
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError("outputs differ in shape (pooling none?): write .npz or .json instead")
+        np.save(output, np.stack(arrays) if len(arrays) > 1 else arrays[0])
+    elif output and output.endswith(".npz"):
+        np.savez(output, **{f"input_{i}": a for i, a in enumerate(arrays)})
+    else:
+        doc = [{"input": n, "shape": list(a.shape), "embedding": a.astype(np.float32).tolist()}
+               for n, a in zip(names, arrays, strict=True)]
+        text = json.dumps(doc)
+        if output:
+            Path(output).write_text(text + "\n")
+        else:
+            print(text)
+
+
+def embed_main(argv: Sequence[str] | None = None) -> int:
+    from .client import Client, EmbedError
+
+    args = _embed_parser().parse_args(argv)
+    root = Path(args.ca).read_bytes() if args.ca else None
+    names: list[str] = []
+    try:
+        with Client(args.server, token=args.token or None, tls=args.tls, root_certificates=root,
+                    timeout=args.timeout) as client:
+            if args.list_models:
+                models = client.list_models()
+                for m in models:
+                    m.pop("metadata")
+                print(json.dumps(models, indent=2))
+                return 0
+            items, names = _collect_inputs(args)
+            arrays = list(client.embed_stream(
+                items, args.model, batch_size=args.batch_size, timeout=args.timeout, pooling=args.pooling,
+                normalize=args.normalize, representation=args.representation, dtype=args.dtype,
+                truncate=args.truncate))
+        _write(arrays, names, args.output)
+    except EmbedError as exc:
+        where = f" ({names[exc.input_index]})" if 0 <= exc.input_index < len(names) else ""
+        print(f"d2v-embed: {exc}{where}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"d2v-embed: {exc}", file=sys.stderr)
+        return 1
+    return 0

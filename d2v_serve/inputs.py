@@ -1,0 +1,104 @@
+"""Request inputs -> prepared model inputs, driven only by the model's metadata (runs on the preprocessing pool)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._proto.d2v.v1 import embedder_pb2 as pb
+from .errors import failed_precondition, invalid_argument
+from .preprocess import InputTooLong, PreprocessError, decode_audio, decode_image, pcm_to_waveform
+from .registry import Model
+
+KIND_MODALITY = {"audio": "audio", "pcm": "audio", "image": "image", "text": "text"}
+_PCM_DTYPES = {pb.Pcm.ENCODING_FLOAT32: "float32", pb.Pcm.ENCODING_INT16: "int16"}
+
+
+@dataclass
+class Prepared:
+    value: np.ndarray
+    truncated: bool = False
+    audio_seconds: float = 0.0
+
+
+def input_modality(inp: pb.Input) -> str:
+    kind = inp.WhichOneof("kind")
+    if kind is None:
+        raise invalid_argument("empty input (set one of audio, pcm, image, text)")
+    return KIND_MODALITY[kind]
+
+
+def check_modality(model: Model, inp: pb.Input) -> None:
+    modality = input_modality(inp)
+    if modality != model.modality:
+        raise failed_precondition(f"model {model.name} takes {model.modality}, got {modality}")
+
+
+def prepare(model: Model, inp: pb.Input, truncate: bool) -> Prepared:
+    """Decode and preprocess one input as the model file says. Raises ServeError (INVALID_ARGUMENT)."""
+    kind = inp.WhichOneof("kind")
+    try:
+        if kind == "text":
+            return _text(model, inp.text, truncate)
+        if kind == "image":
+            return Prepared(model.preprocessing.prepare(decode_image(_image_bytes(inp.image))))
+        if kind == "audio":
+            waveform, rate = decode_audio(inp.audio)
+        else:
+            waveform, rate = _pcm(inp.pcm)
+        return _audio(model, waveform, rate, truncate)
+    except InputTooLong as exc:
+        raise invalid_argument(f"{exc} (set options.truncate to cut it)") from None
+    except PreprocessError as exc:
+        raise invalid_argument(str(exc)) from None
+
+
+def _text(model: Model, text: str, truncate: bool) -> Prepared:
+    truncated = False
+    try:
+        ids = model.preprocessing.prepare(text, truncate=False)
+    except InputTooLong:
+        if not truncate:
+            raise
+        ids, truncated = model.preprocessing.prepare(text, truncate=True), True
+    if len(ids) > model.max_tokens:  # the model has fewer positions than the tokenizer's max_length
+        if not truncate:
+            raise InputTooLong(f"text is {len(ids)} tokens, model {model.name} takes at most {model.max_tokens}")
+        ids, truncated = np.concatenate([ids[: model.max_tokens - 1], ids[-1:]]), True
+    return Prepared(ids, truncated=truncated)
+
+
+def _pcm(pcm: pb.Pcm) -> tuple[np.ndarray, int]:
+    if pcm.encoding not in _PCM_DTYPES:
+        raise PreprocessError("pcm.encoding must be ENCODING_FLOAT32 or ENCODING_INT16")
+    if pcm.sample_rate <= 0:
+        raise PreprocessError("pcm.sample_rate is required")
+    return pcm_to_waveform(pcm.data, _PCM_DTYPES[pcm.encoding], channels=pcm.channels or 1), int(pcm.sample_rate)
+
+
+def _audio(model: Model, waveform: np.ndarray, rate: int, truncate: bool) -> Prepared:
+    limit = int(model.max_samples * rate / model.sample_rate)  # the limit at the input's own rate
+    truncated = len(waveform) > limit
+    if truncated:
+        if not truncate:
+            raise InputTooLong(f"audio is {len(waveform) / rate:.1f} s, the server takes at most "
+                               f"{model.max_samples / model.sample_rate:.1f} s")
+        waveform = waveform[:limit]
+    value = model.preprocessing.prepare(waveform, rate)
+    return Prepared(value, truncated=truncated, audio_seconds=len(value) / model.sample_rate)
+
+
+def _image_bytes(data: bytes) -> bytes:
+    """Image bytes, or the payload of a `data:image/...;base64,` URI."""
+    if not data[:5].lower() == b"data:":
+        return data
+    header, sep, payload = data.partition(b",")
+    if not sep or not header.lower().endswith(b";base64"):
+        raise PreprocessError("data URI must be data:<type>;base64,<payload>")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise PreprocessError(f"data URI payload is not base64: {exc}") from None

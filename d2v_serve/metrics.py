@@ -1,0 +1,29 @@
+"""Every Prometheus metric the server exports, declared here and nowhere else."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+REQUESTS = Counter("d2v_requests_total", "Embed calls and EmbedStream messages handled, by final status code",
+                   ["method", "code"])
+ERRORS = Counter("d2v_errors_total", "Failed requests by gRPC status code and model", ["model", "code"])
+INPUTS = Counter("d2v_inputs_total", "Inputs embedded", ["model"])
+QUEUE_DEPTH = Gauge("d2v_queue_depth", "Inputs admitted and not yet in a batch (preprocessing or queued)", ["model"])
+INFLIGHT = Gauge("d2v_inflight_requests", "Embed calls and stream messages being handled")
+BATCH_SIZE = Histogram("d2v_batch_size", "Inputs per model run", ["model"], buckets=_BATCH_BUCKETS)
+PADDING = Histogram("d2v_batch_padding_fraction", "Padded share of the positions of a batch", ["model"],
+                    buckets=_FRACTION_BUCKETS)
+STAGE_SECONDS = Histogram("d2v_stage_seconds", "Time per stage: preprocess (per request), queue (per input), "
+                          "inference (per batch), postprocess (per batch), total (per request)",
+                          ["model", "stage"], buckets=_LATENCY_BUCKETS)
+DROPPED = Counter("d2v_dropped_inputs_total", "Inputs dropped at dequeue", ["model", "reason"])
+WORKER_UP = Gauge("d2v_worker_up", "1 while a model's worker is warmed up and alive", ["model"])
+
+
+def serve_metrics(port: int, host: str = "") -> None:
+    """Expose /metrics over HTTP on `port` (a daemon thread)."""
+    start_http_server(port, addr=host or "0.0.0.0")

@@ -1,0 +1,162 @@
+"""The models a server runs: every *.onnx in a directory, named by file name, described by its d2v metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batcher import Batcher, BatchPolicy
+from .config import ServerConfig
+from .model_file import ModelFileError, read_metadata
+from .preprocess import Preprocessing, preprocessing_from_dict
+from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
+
+log = logging.getLogger(__name__)
+
+REPRESENTATIONS = {"last": "last_hidden_state", "target": "target_hidden_state"}
+
+
+@dataclass
+class Model:
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    preprocessing: Preprocessing
+    runner: Runner
+    policy: BatchPolicy
+    max_tokens: int = 0  # text
+    max_samples: int = 0  # audio
+    batcher: Batcher | None = field(default=None, repr=False)
+
+    @property
+    def modality(self) -> str:
+        return self.meta["modality"]
+
+    @property
+    def sample_rate(self) -> int:
+        return int(getattr(self.preprocessing, "sample_rate", 0))
+
+    @property
+    def image_size(self) -> int:
+        return int(getattr(self.preprocessing, "image_size", 0))
+
+    @property
+    def pad_id(self) -> int:
+        return int(getattr(self.preprocessing, "pad_id", 1))
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """The representations this model file offers: name -> graph output."""
+        return {k: v for k, v in REPRESENTATIONS.items() if v in self.runner.output_names}
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.state == "ready"
+
+    @cached_property
+    def public_metadata(self) -> str:
+        """The metadata as JSON without the tokenizer text (megabytes, and of no use to a client)."""
+        meta = json.loads(json.dumps(self.meta))
+        meta.get("preprocessing", {}).pop("tokenizer", None)
+        return json.dumps(meta, sort_keys=True)
+
+    def cost(self, value: np.ndarray) -> int:
+        """Batch cost units of a prepared input: tokens, samples or pixels."""
+        return int(value.shape[-1] * value.shape[-2]) if self.modality == "image" else int(value.shape[0])
+
+    def warmup_batches(self, max_batch_size: int) -> list[list[np.ndarray]]:
+        """A few batch shapes run before serving: one input alone, a small batch, a longer input."""
+        rng = np.random.default_rng(0)
+        if self.modality == "text":
+            vocab = max(8, min(1000, self.preprocessing.tokenizer.get_vocab_size()))
+            def make(n: int) -> np.ndarray:
+                ids = rng.integers(4, vocab, size=n)
+                ids[0], ids[-1] = self.preprocessing.bos_id, self.preprocessing.eos_id
+                return ids.astype(np.int64)
+            lengths = [16, min(128, self.max_tokens)]
+        elif self.modality == "audio":
+            def make(n: int) -> np.ndarray:
+                return rng.standard_normal(n).astype(np.float32)
+            lengths = [self.sample_rate, min(8 * self.sample_rate, self.max_samples)]
+        else:
+            size = self.image_size
+            def make(n: int) -> np.ndarray:
+                return rng.standard_normal((3, size, size)).astype(np.float32)
+            lengths = [1, 1]
+        small = min(4, max_batch_size)
+        return [[make(lengths[0])], [make(lengths[0]) for _ in range(small)], [make(lengths[1])]]
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The *.onnx files of a directory, sorted; raises ModelFileError when there are none."""
+    if not directory.is_dir():
+        raise ModelFileError(f"model directory {directory} does not exist")
+    files = sorted(p for p in directory.glob("*.onnx") if p.is_file())
+    if not files:
+        raise ModelFileError(f"no *.onnx model files in {directory}")
+    return files
+
+
+def batch_policy(config: ServerConfig, modality: str, preprocessing: Preprocessing, max_tokens: int) -> BatchPolicy:
+    common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
+                  sort_window=config.sort_window, max_queue=config.max_queue)
+    if modality == "text":
+        return BatchPolicy(budget=config.max_batch_tokens, pad_multiple=config.pad_tokens_multiple,
+                           max_length=max_tokens, **common)
+    if modality == "audio":
+        rate = preprocessing.sample_rate
+        return BatchPolicy(budget=int(config.max_batch_audio_seconds * rate),
+                           pad_multiple=max(1, config.pad_audio_ms * rate // 1000), **common)
+    return BatchPolicy(budget=config.max_batch_pixels, **common)
+
+
+def runtime_settings(config: ServerConfig, sessions: int) -> RuntimeSettings:
+    threads = config.intra_op_threads or max(1, cpu_cores() // max(1, sessions))
+    limit = int(config.gpu_mem_limit_gb * 2**30)
+    if not limit and config.device != "cpu":
+        limit = int(0.9 * gpu_memory_bytes() / max(1, sessions))
+    return RuntimeSettings(device=config.device, intra_op_threads=threads, gpu_mem_limit_bytes=limit)
+
+
+def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> Model:
+    meta = read_metadata(path)
+    modality = meta["modality"]
+    try:
+        preprocessing = preprocessing_from_dict(modality, meta["preprocessing"])
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: bad preprocessing metadata: {exc}") from None
+    try:
+        session = create_session(str(path), settings, prefer_cpu=meta.get("precision") == "int8")
+    except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError subclasses with long messages
+        raise ModelFileError(f"{path}: onnxruntime cannot load it: {' '.join(str(exc).split())[:300]}") from None
+    runner = Runner(session)
+    missing = [n for n in meta["inputs"] if n not in runner.input_names]
+    if missing or "output_mask" not in runner.output_names:
+        raise ModelFileError(f"{path}: graph lacks {', '.join(missing) or 'output_mask'}")
+    max_tokens = max_samples = 0
+    if modality == "text":
+        max_tokens = min(preprocessing.max_length, int(meta.get("max_positions") or preprocessing.max_length))
+    elif modality == "audio":
+        max_samples = int(config.max_audio_seconds * preprocessing.sample_rate)
+    policy = batch_policy(config, modality, preprocessing, max_tokens)
+    return Model(path.stem, path, meta, preprocessing, runner, policy, max_tokens, max_samples)
+
+
+def load_models(directory: str | Path, config: ServerConfig) -> dict[str, Model]:
+    """Every model of `directory`, by name. Raises ModelFileError (one line) for the first bad file."""
+    files = model_files(Path(directory))
+    settings = runtime_settings(config, len(files))
+    models = {}
+    for path in files:
+        model = load_model(path, config, settings)
+        models[model.name] = model
+        log.info("model loaded", extra={"model": model.name, "modality": model.modality,
+                                        "provider": model.runner.provider, "precision": model.meta["precision"],
+                                        "threads": settings.intra_op_threads})
+    return models

@@ -1,0 +1,164 @@
+"""The gRPC server: models + batchers + Embedder service + health + reflection + metrics, and its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import metrics
+from ._proto.d2v.v1 import embedder_pb2 as pb
+from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
+from .auth import BearerTokenInterceptor
+from .batcher import Batcher
+from .config import ServerConfig
+from .registry import Model, load_models
+from .runtime import cpu_cores
+from .service import EmbedderService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def model_health_name(model: str) -> str:
+    """Health service name of one model: `d2v.v1.Embedder/<model>`."""
+    return f"{SERVICE_NAME}/{model}"
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    ms = 1000
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_mb * 2**20),
+        ("grpc.max_send_message_length", config.max_message_mb * 2**20),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * ms)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10 * ms),  # clients may ping every 10 s
+        ("grpc.http2.max_ping_strikes", 3),
+        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+    ]
+    if config.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
+                    ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * ms))]
+    return options
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    key, chain = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class Server:
+    """Start with `await start()`, stop with `await stop()`; `run()` does both around SIGTERM/SIGINT."""
+
+    def __init__(self, config: ServerConfig, models_dir: str | Path) -> None:
+        self.config = config
+        self.models_dir = Path(models_dir)
+        self.models: dict[str, Model] = {}
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._service: EmbedderService | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Load the models, listen (health NOT_SERVING), warm every model up, then report SERVING."""
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.models = await asyncio.to_thread(load_models, self.models_dir, cfg)
+        workers = cfg.preprocess_workers or min(8, cpu_cores())
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="d2v-pre")
+        self._service = EmbedderService(self.models, self._pool, cfg)
+        for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
+            await self.health.set(name, NOT_SERVING)
+
+        interceptors = [BearerTokenInterceptor(token)] if (token := cfg.bearer_token()) else []
+        server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors,
+                                 maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None)
+        pb_grpc.add_EmbedderServicer_to_server(self._service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server)
+        address = f"{cfg.host}:{cfg.port}"
+        creds = server_credentials(cfg)
+        self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        if cfg.metrics_port:
+            metrics.serve_metrics(cfg.metrics_port)
+        log.info("listening", extra={"port": self.port, "tls": creds is not None, "auth": bool(interceptors),
+                                     "metrics_port": cfg.metrics_port, "models": list(self.models)})
+
+        for model in self.models.values():
+            model.batcher = Batcher(model.name, model.modality, model.runner, model.policy, model.pad_id,
+                                    on_death=self._on_worker_death)
+        ready = [asyncio.wrap_future(m.batcher.start(m.warmup_batches(cfg.max_batch_size) if cfg.warmup else []))
+                 for m in self.models.values()]
+        await asyncio.gather(*ready)
+        for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
+            await self.health.set(name, SERVING)
+        log.info("serving", extra={"port": self.port, "startup_s": round(time.monotonic() - started, 3)})
+
+    def _on_worker_death(self, name: str, exc: BaseException) -> None:
+        """From the dead worker's thread: the whole server reports NOT_SERVING (a replica missing a model is
+        broken; let the orchestrator replace it)."""
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._mark_down(name), self._loop)
+
+    async def _mark_down(self, name: str) -> None:
+        for service in ["", SERVICE_NAME, model_health_name(name)]:
+            await self.health.set(service, NOT_SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health NOT_SERVING, refuse new calls (UNAVAILABLE), finish in-flight ones, stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        log.info("draining", extra={"grace_s": grace})
+        await self.health.enter_graceful_shutdown()
+        if self._service is not None:
+            self._service.begin_drain()
+            if not await self._service.wait_idle(grace):
+                log.warning("grace period over; cancelling calls still in flight")
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        for model in self.models.values():
+            if model.batcher is not None:
+                await asyncio.to_thread(model.batcher.close, max(1.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then stop gracefully. Returns the exit code."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+        return 0
