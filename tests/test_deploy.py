@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -27,7 +28,6 @@ import pytest
 import tomllib
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from setuptools import find_packages
 
 from d2v_serve.config import ServerConfig, env_name
 
@@ -261,8 +261,16 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
     _, wheel = serving_venv
     names = zipfile.ZipFile(wheel).namelist()
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pkg in find_packages(str(REPO), include=include):
-        assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"{pkg} missing from the wheel"
+    packages = [
+        init.parent.relative_to(REPO).as_posix()
+        for top in REPO.iterdir()
+        if top.is_dir() and any(fnmatch.fnmatch(top.name, pattern) for pattern in include)
+        for init in top.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    ]
+    assert "d2v_serve" in packages
+    for pkg in packages:
+        assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
     assert "d2v_serve/probe.py" in names
 
 
