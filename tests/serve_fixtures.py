@@ -11,6 +11,7 @@ import io
 import json
 import math
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,10 @@ def make_tiny_model(modality: str, directory: Path, name: str | None = None, see
     dynamic = {n: {0: "batch", 1: "length"} for n in INPUTS[modality] if n != "pixel_values"}
     dynamic.update({"pixel_values": {0: "batch"}} if modality == "image" else {})
     dynamic.update({n: {0: "batch", 1: "positions"} for n in OUTPUTS})
-    torch.onnx.export(model, _example(modality), str(path), input_names=INPUTS[modality], output_names=OUTPUTS,
-                      dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    with warnings.catch_warnings():  # the legacy exporter is deprecated and warns about tracing
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, _example(modality), str(path), input_names=INPUTS[modality],
+                          output_names=OUTPUTS, dynamic_axes=dynamic, opset_version=17, dynamo=False)
     proto = onnx.load(str(path))
     meta = {"format": "d2v-onnx", "format_version": 1, "modality": modality, "hidden_size": 16, "num_layers": 3,
             "num_heads": 2, "inputs": INPUTS[modality], "outputs": OUTPUTS, "precision": "fp32",

@@ -1,0 +1,548 @@
+"""The server over real gRPC on loopback: parity with the model file and the torch model, batch invariance, errors,
+health, reflection, metrics, auth and a SIGTERM drain of the real `d2v-serve` process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
+from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
+from d2v_serve.client import Client, EmbedError, Pcm
+from d2v_serve.preprocess import collate, decode_audio, decode_image
+from tests.serve_fixtures import (
+    ServerThread,
+    TinyModel,
+    encode_audio,
+    encode_image,
+    make_tiny_model,
+    picture,
+    tone,
+)
+
+Code = grpc.StatusCode
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras", "a server batches requests",
+         "data2vec data2vec", "numbers 0123456789 and punctuation !?.,;:"]
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------------
+
+
+def _quantize(src: TinyModel, dst: Path) -> TinyModel:
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(src.path), str(dst), op_types_to_quantize=["MatMul"])
+    proto = onnx.load(str(dst))
+    for prop in proto.metadata_props:
+        if prop.key == "d2v":
+            meta = json.loads(prop.value)
+            meta["precision"] = "int8"
+            prop.value = json.dumps(meta)
+    onnx.save(proto, str(dst))
+    return TinyModel(dst, src.modality, src.torch_model, src.preprocessing)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    directory = tmp_path_factory.mktemp("models")
+    out = {m: make_tiny_model(m, directory) for m in ("audio", "image", "text")}
+    out["text-int8"] = _quantize(out["text"], directory / "text-int8.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, TinyModel]) -> Iterator[ServerThread]:
+    with ServerThread(models["text"].path.parent) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> Iterator[Client]:
+    with Client(server.target) as c:
+        yield c
+
+
+@pytest.fixture
+def text_only(models: dict[str, TinyModel], tmp_path: Path) -> Path:
+    """A directory with just the text model (for servers with special settings)."""
+    (tmp_path / "text.onnx").symlink_to(models["text"].path)
+    return tmp_path
+
+
+_sessions: dict[Path, ort.InferenceSession] = {}
+
+
+def direct(model: TinyModel, value: np.ndarray) -> dict[str, np.ndarray]:
+    """The model file run directly by onnxruntime on one prepared input, and the torch model on the same feeds;
+    returns the valid positions of each output, keys `onnx:<output>` and `torch:<output>`."""
+    if model.path not in _sessions:
+        _sessions[model.path] = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    feeds = collate(model.modality, [value], pad_id=getattr(model.preprocessing, "pad_id", 1))
+    names = ["last_hidden_state", "target_hidden_state", "output_mask"]
+    onnx_out = dict(zip(names, _sessions[model.path].run(names, feeds), strict=True))
+    torch_out = model.torch_outputs(feeds)
+    valid = onnx_out["output_mask"][0].astype(bool)
+    np.testing.assert_array_equal(valid, torch_out["output_mask"][0].astype(bool))
+    result = {}
+    for name in names[:2]:
+        result[f"onnx:{name}"] = onnx_out[name][0][valid]
+        result[f"torch:{name}"] = torch_out[name][0][valid]
+    return result
+
+
+def prepared(model: TinyModel, raw: object) -> np.ndarray:
+    """What the server feeds the model for `raw`, computed here with the shared preprocessing."""
+    pre = model.preprocessing
+    if model.modality == "text":
+        return pre.prepare(raw)
+    if model.modality == "image":
+        return pre.prepare(decode_image(raw))
+    if isinstance(raw, Pcm):
+        return pre.prepare(np.asarray(raw.samples, np.float32) / (32768.0 if raw.samples.dtype == np.int16 else 1),
+                           raw.sample_rate)
+    return pre.prepare(*decode_audio(raw))
+
+
+def assert_matches(model: TinyModel, raw: object, served: np.ndarray, output: str = "last_hidden_state") -> None:
+    """Served per-position output == the model file (1e-5) == the torch model (1e-4)."""
+    ref = direct(model, prepared(model, raw))
+    assert served.shape == ref[f"onnx:{output}"].shape
+    np.testing.assert_allclose(served, ref[f"onnx:{output}"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(served, ref[f"torch:{output}"], atol=1e-4, rtol=0)
+
+
+def rpc_error(fn: object, *args: object, **kwargs: object) -> EmbedError:
+    with pytest.raises(EmbedError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def counter(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- parity: served == model file == torch, per modality --------------------------------------------------
+
+
+def test_text_matches_model_file_and_torch(client: Client, models: dict[str, TinyModel]) -> None:
+    served = client.embed(TEXTS, "text", pooling="none")
+    for text, out in zip(TEXTS, served, strict=True):
+        assert_matches(models["text"], text, out)
+    target = client.embed(TEXTS[1], "text", pooling="none", representation="target")
+    assert_matches(models["text"], TEXTS[1], target, "target_hidden_state")
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_audio_files_match_model_file_and_torch(client: Client, models: dict[str, TinyModel], fmt: str) -> None:
+    data = encode_audio(tone(0.7, 22050), 22050, fmt)  # resampled to 16 kHz by the server
+    assert_matches(models["audio"], data, client.embed(data, "audio", pooling="none"))
+
+
+def test_pcm_float32_and_int16_match(client: Client, models: dict[str, TinyModel]) -> None:
+    wave = tone(0.5, 8000, freq=300)
+    for samples in (wave, (wave * 32767).astype(np.int16)):
+        pcm = Pcm(samples, 8000)
+        assert_matches(models["audio"], pcm, client.embed(pcm, "audio", pooling="none"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_images_match_model_file_and_torch(client: Client, models: dict[str, TinyModel], fmt: str) -> None:
+    data = encode_image(picture(48, 40, seed=3), fmt)
+    served = client.embed(data, "image", pooling="none", representation="target")
+    assert_matches(models["image"], data, served, "target_hidden_state")
+
+
+def test_pooling_normalize_dtype(client: Client, models: dict[str, TinyModel]) -> None:
+    text = TEXTS[3]
+    ref = direct(models["text"], prepared(models["text"], text))["onnx:last_hidden_state"]
+    mean = client.embed(text, "text")
+    np.testing.assert_allclose(mean, ref.mean(0), atol=1e-5)
+    np.testing.assert_allclose(client.embed(text, "text", pooling="cls"), ref[0], atol=1e-5)
+    unit = client.embed(text, "text", normalize=True)
+    np.testing.assert_allclose(unit, ref.mean(0) / np.linalg.norm(ref.mean(0)), atol=1e-5)
+    half = client.embed(text, "text", dtype="float16", pooling="none", normalize=True)
+    assert half.dtype == np.float16 and half.shape == ref.shape
+    np.testing.assert_allclose(np.linalg.norm(half.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_usage_timings_and_data_uri(client: Client) -> None:
+    import base64
+
+    png = encode_image(picture(20, 20), "PNG")
+    uri = b"data:image/png;base64," + base64.b64encode(png)
+    request = pb.EmbedRequest(model="image", inputs=[pb.Input(image=png), pb.Input(image=uri)], request_id="r1")
+    response = client.embed_request(request)
+    a, b = (np.frombuffer(e.tensor.data, "<f4") for e in response.embeddings)
+    np.testing.assert_array_equal(a, b)
+    assert response.request_id == "r1" and response.model == "image"
+    assert response.usage.images == 2 and response.usage.positions == 2 * 17
+    t = response.timings
+    assert t.total_ms >= t.preprocess_ms > 0 and t.inference_ms > 0 and t.queue_ms >= 0
+    wav = encode_audio(tone(1.0), 16000, "WAV")
+    usage = client.embed_request(pb.EmbedRequest(model="audio", inputs=[pb.Input(audio=wav)])).usage
+    assert usage.audio_frames == 49 and abs(usage.audio_seconds - 1.0) < 1e-6
+    usage = client.embed_request(pb.EmbedRequest(model="text", inputs=[pb.Input(text="hello world")])).usage
+    assert usage.tokens == usage.positions == len(prepared_text_ids("hello world"))
+
+
+def prepared_text_ids(text: str) -> np.ndarray:
+    from tests.serve_fixtures import _preprocessing
+
+    return _preprocessing("text").prepare(text)
+
+
+def test_list_and_describe_models(client: Client) -> None:
+    names = {m["name"]: m for m in client.list_models()}
+    assert set(names) == {"audio", "image", "text", "text-int8"}
+    text = client.describe_model("text")
+    assert text["modality"] == "text" and text["hidden_size"] == 16 and text["max_tokens"] == 64
+    assert text["representations"] == ["last", "target"] and text["ready"]
+    assert text["execution_provider"] == "CPUExecutionProvider"
+    assert "tokenizer" not in text["metadata"]["preprocessing"]
+    assert names["audio"]["sample_rate"] == 16000 and names["image"]["image_size"] == 32
+    assert names["text-int8"]["precision"] == "int8"
+
+
+def test_embed_stream_keeps_order(client: Client, models: dict[str, TinyModel]) -> None:
+    texts = [TEXTS[i % len(TEXTS)] + f" {i}" for i in range(40)]
+    streamed = list(client.embed_stream(texts, "text", batch_size=3))
+    unary = client.embed(texts, "text")
+    assert len(streamed) == 40
+    for s, u in zip(streamed, unary, strict=True):
+        np.testing.assert_allclose(s, u, atol=1e-5)
+
+
+def test_stream_reports_bad_request_in_band(server: ServerThread) -> None:
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.EmbedderStub(channel)
+    requests = [pb.EmbedRequest(model="text", inputs=[pb.Input(text="fine")], request_id="0"),
+                pb.EmbedRequest(model="text", inputs=[pb.Input(text="ok"), pb.Input(text="")], request_id="1"),
+                pb.EmbedRequest(model="nope", inputs=[pb.Input(text="x")], request_id="2"),
+                pb.EmbedRequest(model="text", inputs=[pb.Input(text="after")], request_id="3")]
+    responses = list(stub.EmbedStream(iter(requests), timeout=30))
+    channel.close()
+    assert [r.request_id for r in responses] == ["0", "1", "2", "3"]
+    assert len(responses[0].embeddings) == 1 and len(responses[3].embeddings) == 1
+    assert responses[1].error.code == Code.INVALID_ARGUMENT.value[0] and responses[1].error.input_index == 1
+    assert responses[2].error.code == Code.NOT_FOUND.value[0] and not responses[2].embeddings
+
+
+# ---- batching must not change results ----------------------------------------------------------------------
+
+
+def test_batch_invariance_under_concurrent_mixed_lengths(client: Client, models: dict[str, TinyModel]) -> None:
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over lazy dog data2vec speech images text".split()
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 13, size=48)]
+    clips = [encode_audio(tone(float(s), seed=i), 16000, "WAV") for i, s in enumerate(rng.uniform(0.2, 2.5, 16))]
+    before = counter("d2v_batch_size_count", {"model": "text"}), counter("d2v_batch_size_sum", {"model": "text"})
+
+    def one(kind: str, i: int) -> tuple[str, int, np.ndarray]:
+        if kind == "text":
+            return kind, i, client.embed(texts[i], "text", pooling="none")
+        return kind, i, client.embed(clips[i], "audio", pooling="none")
+
+    jobs = [("text", i) for i in range(len(texts))] + [("audio", i) for i in range(len(clips))]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda job: one(*job), jobs))
+    for kind, i, out in results:
+        ref = direct(models[kind], prepared(models[kind], texts[i] if kind == "text" else clips[i]))
+        np.testing.assert_allclose(out, ref["onnx:last_hidden_state"], atol=1e-5, rtol=0)
+    batches = counter("d2v_batch_size_count", {"model": "text"}) - before[0]
+    inputs = counter("d2v_batch_size_sum", {"model": "text"}) - before[1]
+    assert inputs == len(texts) and batches < len(texts), "concurrent requests were never batched together"
+
+    # one request carrying every length at once: a single cost-bounded batch (or a few)
+    together = client.embed(texts, "text", pooling="none")
+    for text, out in zip(texts, together, strict=True):
+        np.testing.assert_allclose(out, direct(models["text"], prepared(models["text"], text))[
+            "onnx:last_hidden_state"], atol=1e-5, rtol=0)
+
+
+def test_int8_batched_close_to_alone(client: Client) -> None:
+    """int8 (dynamic quantization) scales activations per batch: batched results are close, not exact."""
+    alone = [client.embed(t, "text-int8") for t in TEXTS]
+    batched = client.embed(TEXTS, "text-int8")
+    for a, b in zip(alone, batched, strict=True):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.999
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+
+def test_invalid_argument_names_the_bad_input(client: Client) -> None:
+    err = rpc_error(client.embed, [encode_audio(tone(0.3), 16000, "WAV"), b"RIFF\x00\x00\x00\x00WAVEjunk"], "audio")
+    assert err.code == Code.INVALID_ARGUMENT and err.input_index == 1 and err.message.startswith("input 1: ")
+    assert "\n" not in err.message
+    err = rpc_error(client.embed, ["fine", ""], "text")
+    assert err.code == Code.INVALID_ARGUMENT and err.input_index == 1 and "empty" in err.message
+    err = rpc_error(client.embed_request, pb.EmbedRequest(model="image", inputs=[pb.Input(image=b"\x89PNG broken")]))
+    assert err.code == Code.INVALID_ARGUMENT and err.input_index == 0
+    err = rpc_error(client.embed_request, pb.EmbedRequest(model="text", inputs=[pb.Input()]))
+    assert err.code == Code.INVALID_ARGUMENT and "empty input" in err.message
+    err = rpc_error(client.embed_request, pb.EmbedRequest(model="text"))
+    assert err.code == Code.INVALID_ARGUMENT and "no inputs" in err.message
+    bad_pcm = pb.Input(pcm=pb.Pcm(data=b"\x00" * 7, encoding=pb.Pcm.ENCODING_INT16, sample_rate=16000))
+    err = rpc_error(client.embed_request, pb.EmbedRequest(model="audio", inputs=[bad_pcm]))
+    assert err.code == Code.INVALID_ARGUMENT
+    err = rpc_error(client.embed_request, pb.EmbedRequest(inputs=[pb.Input(text="which text model?")]))
+    assert err.code == Code.INVALID_ARGUMENT and "several text models" in err.message
+
+
+def test_too_long_fails_unless_truncated(client: Client) -> None:
+    long_text = "word " * 200
+    err = rpc_error(client.embed, long_text, "text")
+    assert err.code == Code.INVALID_ARGUMENT and "64" in err.message and "truncate" in err.message
+    request = pb.EmbedRequest(model="text", inputs=[pb.Input(text=long_text)],
+                              options=pb.EmbedOptions(truncate=True, pooling=pb.POOLING_NONE))
+    embedding = client.embed_request(request).embeddings[0]
+    assert embedding.truncated and embedding.positions == 64
+
+
+def test_not_found_and_failed_precondition(client: Client) -> None:
+    err = rpc_error(client.embed, "hi", "no-such-model")
+    assert err.code == Code.NOT_FOUND and "no-such-model" in err.message
+    assert rpc_error(client.describe_model, "no-such-model").code == Code.NOT_FOUND
+    err = rpc_error(client.embed, [encode_audio(tone(0.3), 16000, "WAV"), "text for audio"], "audio")
+    assert err.code == Code.FAILED_PRECONDITION and err.input_index == 1 and "takes audio" in err.message
+
+
+def _slow_runner(srv: ServerThread, model: str, seconds: float) -> list[int]:
+    """Make a model's runs take `seconds`; returns the list of batch sizes it ran."""
+    runner = srv.server.models[model].runner
+    original, sizes = runner.run, []
+
+    def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        sizes.append(next(iter(feeds.values())).shape[0])
+        time.sleep(seconds)
+        return original(feeds, outputs)
+
+    runner.run = run
+    return sizes
+
+
+def test_queue_full_and_deadline(text_only: Path) -> None:
+    with ServerThread(text_only, max_queue=4, max_request_inputs=4) as srv, Client(srv.target) as c:
+        sizes = _slow_runner(srv, "text", 0.6)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(c.embed, ["a", "b", "c"], "text")
+            time.sleep(0.2)  # the first request is running now
+            queued = pool.submit(c.embed, ["d", "e", "f", "g"], "text")  # fills the queue
+            time.sleep(0.1)
+            err = rpc_error(c.embed, ["h"], "text")
+            assert err.code == Code.RESOURCE_EXHAUSTED and "queue is full" in err.message
+            assert len(first.result()) == 3 and len(queued.result()) == 4
+        dropped = counter("d2v_dropped_inputs_total", {"model": "text", "reason": "cancelled"}) + counter(
+            "d2v_dropped_inputs_total", {"model": "text", "reason": "deadline"})
+        runs = len(sizes)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(c.embed, "keeps the model busy", "text")
+            time.sleep(0.1)
+            err = rpc_error(c.embed, "too late", "text", timeout=0.2)
+            assert err.code == Code.DEADLINE_EXCEEDED
+            busy.result()
+        time.sleep(0.1)
+        assert len(sizes) == runs + 1, "an input whose deadline had passed was computed"
+        assert counter("d2v_dropped_inputs_total", {"model": "text", "reason": "cancelled"}) + counter(
+            "d2v_dropped_inputs_total", {"model": "text", "reason": "deadline"}) == dropped + 1
+
+
+def test_bad_item_at_runtime_does_not_fail_its_batch(text_only: Path) -> None:
+    """A batch whose run fails is retried input by input: only the input that fails alone gets INTERNAL."""
+    with ServerThread(text_only, max_delay_ms=300) as srv, Client(srv.target) as c:
+        runner = srv.server.models["text"].runner
+        original = runner.run
+        poison = int(srv.server.models["text"].preprocessing.prepare("poison pill").size)
+
+        def run(feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+            if (feeds["attention_mask"].sum(1) == poison).any():
+                raise RuntimeError("kernel failure\non two lines")
+            return original(feeds, outputs)
+
+        runner.run = run
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            good = [pool.submit(c.embed, t, "text") for t in ("fine one", "another good one here")]
+            bad = pool.submit(c.embed, "poison pill", "text")
+            for f in good:
+                assert f.result().shape == (16,)
+            with pytest.raises(EmbedError) as info:
+                bad.result()
+        assert info.value.code == Code.INTERNAL and "\n" not in info.value.message
+        assert srv.server.models["text"].batcher.alive
+
+
+def test_unavailable_while_draining(text_only: Path) -> None:
+    with ServerThread(text_only) as srv, Client(srv.target) as c:
+        assert c.embed("before", "text").shape == (16,)
+        srv.server._service.begin_drain()
+        err = rpc_error(c.embed, "after", "text")
+        assert err.code == Code.UNAVAILABLE and "shutting down" in err.message
+
+
+def test_bearer_token_auth(text_only: Path) -> None:
+    with ServerThread(text_only, auth_token="s3cret") as srv:
+        with Client(srv.target) as anonymous:
+            assert rpc_error(anonymous.embed, "hi", "text").code == Code.UNAUTHENTICATED
+            assert rpc_error(anonymous.list_models).code == Code.UNAUTHENTICATED
+            assert anonymous.health() == "SERVING"  # exempt
+            assert "d2v.v1.Embedder" in _reflected_services(srv.target)  # exempt
+        with Client(srv.target, token="wrong") as wrong:
+            assert rpc_error(wrong.embed, "hi", "text").code == Code.UNAUTHENTICATED
+        with Client(srv.target, token="s3cret") as ok:
+            assert ok.embed("hi", "text").shape == (16,)
+            assert len(list(ok.embed_stream(["a", "b"], "text"))) == 2
+
+
+# ---- operability --------------------------------------------------------------------------------------------
+
+
+def _reflected_services(target: str) -> list[str]:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = list(db.get_services())
+        db.FindFileContainingSymbol("d2v.v1.EmbedRequest")  # the descriptors are served too
+        return services
+
+
+def test_reflection_lists_the_service(server: ServerThread) -> None:
+    services = _reflected_services(server.target)
+    assert {"d2v.v1.Embedder", "grpc.health.v1.Health"} <= set(services)
+
+
+def _health(target: str, service: str = "") -> str:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                            timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def test_health_warming_serving_dead_and_stopped(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2v_serve import batcher as batcher_module
+
+    release = threading.Event()
+    original_main = batcher_module.Batcher._main
+
+    def gated_main(self: batcher_module.Batcher) -> None:
+        release.wait(30)
+        original_main(self)
+
+    monkeypatch.setattr(batcher_module.Batcher, "_main", gated_main)
+    port = _free_port()
+    srv = ServerThread(text_only, port=port)
+    srv._thread.start()
+    starting = asyncio_submit(srv, srv.server.start())
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:  # the port opens before warm-up ends
+        try:
+            status = _health(target)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    names = ["", "d2v.v1.Embedder", "d2v.v1.Embedder/text"]
+    assert status == "NOT_SERVING" and all(_health(target, n) == "NOT_SERVING" for n in names)
+    with Client(target) as c:
+        err = rpc_error(c.embed, "too early", "text")
+        assert err.code == Code.UNAVAILABLE and "warming up" in err.message
+        release.set()
+        starting.result(30)
+        assert all(_health(target, n) == "SERVING" for n in names)
+        assert c.embed("now", "text").shape == (16,)
+
+        # a worker that dies takes the server's health down with it
+        def broken(*_args: object) -> list:
+            raise MemoryError("simulated worker crash")
+
+        srv.server.models["text"].batcher._select = broken
+        err = rpc_error(c.embed, "kills the worker", "text")
+        assert err.code == Code.UNAVAILABLE
+        deadline = time.monotonic() + 10
+        while _health(target) != "NOT_SERVING":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert all(_health(target, n) == "NOT_SERVING" for n in names)
+        err = rpc_error(c.embed, "after death", "text")
+        assert err.code == Code.UNAVAILABLE and "down" in err.message
+        assert not c.describe_model("text")["ready"]
+    srv.stop()
+
+
+def asyncio_submit(srv: ServerThread, coro: object) -> concurrent.futures.Future:
+    import asyncio
+
+    return asyncio.run_coroutine_threadsafe(coro, srv.loop)
+
+
+def test_metrics_endpoint(text_only: Path) -> None:
+    port = _free_port()
+    with ServerThread(text_only, metrics_port=port) as srv, Client(srv.target) as c:
+        c.embed(["one", "two two"], "text")
+        rpc_error(c.embed, "x", "missing")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("d2v_queue_depth", "d2v_batch_size_bucket", "d2v_batch_padding_fraction_bucket",
+                 "d2v_stage_seconds_bucket", "d2v_requests_total", "d2v_errors_total", "d2v_worker_up"):
+        assert name in body, name
+    assert 'd2v_errors_total{code="NOT_FOUND",model="missing"}' in body
+    for stage in ("preprocess", "queue", "inference", "postprocess", "total"):
+        assert f'stage="{stage}"' in body
+
+
+def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_path: Path) -> None:
+    """The real d2v-serve process: requests in flight when SIGTERM arrives all complete; exit code 0."""
+    (tmp_path / "text.onnx").symlink_to(models["text"].path)
+    port = _free_port()
+    exe = Path(sys.executable).with_name("d2v-serve")
+    env = {**os.environ, "D2V_MAX_DELAY_MS": "400", "D2V_METRICS_PORT": "0"}  # env vars configure it too
+    proc = subprocess.Popen([str(exe), "--models", str(tmp_path), "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _health(target) == "SERVING":
+                    break
+            except grpc.RpcError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        with Client(target) as c, concurrent.futures.ThreadPoolExecutor(12) as pool:
+            in_flight = [pool.submit(c.embed, TEXTS[i % len(TEXTS)], "text") for i in range(12)]
+            time.sleep(0.15)  # they sit in the batcher (max delay 400 ms) when the signal arrives
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=30) for f in in_flight]
+        assert all(r.shape == (16,) for r in results)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    messages = [entry["msg"] for entry in logs]
+    assert "serving" in messages and "draining" in messages and messages[-1] == "stopped"
