@@ -546,3 +546,56 @@ def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_pat
     logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
     messages = [entry["msg"] for entry in logs]
     assert "serving" in messages and "draining" in messages and messages[-1] == "stopped"
+
+
+# ---- command lines ------------------------------------------------------------------------------------------
+
+
+def test_d2v_embed_cli(server: ServerThread, client: Client, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from d2v_serve.cli import embed_main
+
+    wavs = []
+    for i, seconds in enumerate((0.4, 0.9)):
+        wavs.append(tmp_path / f"clip{i}.wav")
+        wavs[-1].write_bytes(encode_audio(tone(seconds, seed=i), 16000, "WAV"))
+    out = tmp_path / "clips.npy"
+    assert embed_main([*map(str, wavs), "--server", server.target, "--model", "audio", "-o", str(out)]) == 0
+    expected = client.embed([w.read_bytes() for w in wavs], "audio")
+    np.testing.assert_allclose(np.load(out), np.stack(expected), atol=1e-6)
+
+    png = tmp_path / "pic.png"
+    png.write_bytes(encode_image(picture(40, 40), "PNG"))
+    npz = tmp_path / "pic.npz"
+    assert embed_main([str(png), "--server", server.target, "--pooling", "none", "-o", str(npz)]) == 0
+    assert np.load(npz)["input_0"].shape == (17, 16)
+
+    capsys.readouterr()
+    assert embed_main(["--text", "hello world", "zebras", "--server", server.target, "--model", "text",
+                       "--normalize", "--representation", "target"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["input"] for d in doc] == ["hello world", "zebras"] and doc[0]["shape"] == [16]
+    np.testing.assert_allclose(doc[1]["embedding"], client.embed("zebras", "text", normalize=True,
+                                                                 representation="target"), atol=1e-6)
+
+    assert embed_main(["--text", "fine", "", "--server", server.target, "--model", "text"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("d2v-embed: INVALID_ARGUMENT: input 1") and "\n" not in err
+    assert embed_main([str(tmp_path / "missing.wav"), "--server", server.target]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert embed_main(["--list-models", "--server", server.target]) == 0
+    assert {m["name"] for m in json.loads(capsys.readouterr().out)} == {"audio", "image", "text", "text-int8"}
+
+
+def test_d2v_serve_exits_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from d2v_serve import cli, logs
+
+    monkeypatch.setattr(logs, "setup_logging", lambda *a, **k: None)  # keep pytest's log handlers
+    monkeypatch.setattr(cli, "DEMO_MODELS", tmp_path / "demo_models")
+    assert cli.serve_main(["--port", "0", "--metrics-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no --models given and no bundled demo models" in err
+    (tmp_path / "empty").mkdir()
+    assert cli.serve_main(["--models", str(tmp_path / "empty"), "--port", "0", "--metrics-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no *.onnx model files" in err

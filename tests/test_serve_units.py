@@ -1,0 +1,181 @@
+"""Serving pieces on their own: batch selection, model-file metadata, configuration, tensors, stub generation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
+from d2v_serve.batcher import Batcher, BatchPolicy, Item
+from d2v_serve.client import sniff
+from d2v_serve.config import ServerConfig, parse_config
+from d2v_serve.model_file import ModelFileError, read_metadata
+from d2v_serve.tensors import from_tensor, to_tensor
+from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- batch formation ----------------------------------------------------------------------------------------
+
+
+class _NoRunner:
+    output_names = ["last_hidden_state", "output_mask"]
+
+
+def _batcher(lengths: list[int], **policy: int) -> Batcher:
+    b = Batcher("m", "text", _NoRunner(), BatchPolicy(**{"max_delay_s": 0.0, **policy}))
+    b.reserve(len(lengths))
+    b.submit([Item(np.zeros(n, np.int64), n, "last_hidden_state", lambda h: h) for n in lengths])
+    return b
+
+
+def _take(b: Batcher) -> list[int]:
+    batch = b._select()
+    b._remove(batch)
+    return sorted(it.length for it in batch)
+
+
+def test_select_groups_similar_lengths_and_always_takes_the_oldest() -> None:
+    b = _batcher([10, 500, 12, 11, 490, 13], max_batch_size=8, budget=1200)
+    assert _take(b) == [10, 11, 12, 13]  # the long ones would cost 5 x 490 > 1200
+    assert _take(b) == [490, 500]
+    assert b.depth == 0 and b._queued_cost == 0
+
+
+def test_select_respects_batch_size_and_budget() -> None:
+    b = _batcher([50, 10, 12, 48, 11], max_batch_size=3, budget=10_000)
+    assert _take(b) == [12, 48, 50]  # the oldest (50) and its nearest neighbours by length
+    b = _batcher([100, 100, 100, 100], budget=250)
+    assert _take(b) == [100, 100]
+    b = _batcher([5000, 10], budget=1000)  # one input over the budget still runs, alone
+    assert _take(b) == [5000]
+
+
+def test_select_only_looks_within_the_sort_window() -> None:
+    b = _batcher([10, 300, 300, 11], max_batch_size=8, budget=10_000, sort_window=3)
+    assert _take(b) == [10, 300, 300]
+
+
+def test_padded_length_buckets_and_caps() -> None:
+    p = BatchPolicy(pad_multiple=8, max_length=64)
+    assert [p.padded(n) for n in (1, 8, 9, 60, 64)] == [8, 8, 16, 64, 64]
+    assert BatchPolicy(pad_multiple=1600).padded(16001) == 17600
+
+
+def test_queue_bound_counts_reserved_inputs() -> None:
+    b = _batcher([10, 10], max_queue=3)
+    b.reserve(1)
+    with pytest.raises(Exception, match="queue is full"):
+        b.reserve(1)
+    b.release(1)
+    b.reserve(1)
+
+
+# ---- model files --------------------------------------------------------------------------------------------
+
+
+def test_read_metadata_round_trip(tmp_path: Path) -> None:
+    model = make_tiny_model("text", tmp_path)
+    meta = read_metadata(model.path)
+    assert meta["modality"] == "text" and meta["max_positions"] == 64
+    assert meta["preprocessing"]["tokenizer"] == model.preprocessing.tokenizer_json
+
+
+def _rewrite(path: Path, dst: Path, edit: object) -> Path:
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    del proto.metadata_props[:]
+    for key, value in edit(props).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_read_metadata_rejects_bad_files(tmp_path: Path) -> None:
+    model = make_tiny_model("image", tmp_path)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff" * 100)
+    cases = {
+        junk: "not a readable ONNX file",
+        tmp_path / "missing.onnx": "no such file",
+        _rewrite(model.path, tmp_path / "plain.onnx", lambda p: {}): "no 'd2v' metadata",
+        _rewrite(model.path, tmp_path / "v2.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "format_version": 2})}): "format_version 2 is not supported",
+        _rewrite(model.path, tmp_path / "wrong.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "inputs": ["input_ids"]})}): "graph inputs",
+        _rewrite(model.path, tmp_path / "notjson.onnx", lambda p: {"d2v": "{"}): "not JSON",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ModelFileError, match=message) as info:
+            read_metadata(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+
+
+def test_flags_override_env_override_defaults() -> None:
+    env = {"D2V_MAX_BATCH_SIZE": "8", "D2V_WARMUP": "false", "D2V_DEVICE": "cpu", "D2V_MAX_DELAY_MS": "0.5"}
+    cfg = parse_config(["--max-batch-size", "4"], env=env)
+    assert cfg.max_batch_size == 4 and cfg.warmup is False and cfg.device == "cpu" and cfg.max_delay_ms == 0.5
+    assert parse_config([], env={}).max_batch_size == ServerConfig().max_batch_size
+
+
+def test_bad_settings_are_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="D2V_PORT='abc'"):
+        parse_config([], env={"D2V_PORT": "abc"})
+    with pytest.raises(ValueError, match="D2V_DEVICE"):
+        parse_config([], env={"D2V_DEVICE": "tpu"})
+    with pytest.raises(ValueError, match="--max-request-inputs"):
+        parse_config(["--max-request-inputs", "10", "--max-queue", "5"], env={})
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key"):
+        parse_config(["--tls-cert", "c.pem"], env={})
+
+
+def test_secrets_are_redacted() -> None:
+    assert ServerConfig(auth_token="t0ken").redacted()["auth_token"] == "***"
+
+
+# ---- tensors and client helpers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<f2"])
+def test_tensor_round_trip(dtype: str) -> None:
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4).astype(dtype)
+    t = to_tensor(x)
+    assert list(t.shape) == [2, 3, 4] and len(t.data) == x.nbytes
+    assert t.dtype == (pb.DTYPE_FLOAT16 if "f2" in dtype else pb.DTYPE_FLOAT32)
+    np.testing.assert_array_equal(from_tensor(t), x)
+    assert t.data == np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()  # little-endian on the wire
+
+
+def test_sniff_media() -> None:
+    for fmt in ("WAV", "FLAC", "OGG"):
+        assert sniff(encode_audio(tone(0.1), 16000, fmt)) == "audio"
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert sniff(encode_image(picture(8, 8), fmt)) == "image"
+    with pytest.raises(ValueError, match="Audio"):
+        sniff(b"plain text")
+
+
+# ---- generated stubs ----------------------------------------------------------------------------------------
+
+
+def test_regenerating_stubs_gives_the_committed_files(tmp_path: Path) -> None:
+    out = tmp_path / "_proto"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "gen_protos"), str(out)], check=True,
+                   capture_output=True)
+    committed = REPO / "d2v_serve" / "_proto"
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(committed) for p in committed.rglob("*")
+                           if p.is_file() and "__pycache__" not in p.parts)
+    for rel in files:
+        assert (out / rel).read_bytes() == (committed / rel).read_bytes(), f"{rel} differs: run scripts/gen_protos"
