@@ -128,10 +128,15 @@ class Client:
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None,
-                 timeout: float | None = 60.0, max_message_mb: int = 256) -> None:
-        opts = [("grpc.max_receive_message_length", max_message_mb * 2**20),
-                ("grpc.max_send_message_length", max_message_mb * 2**20),
-                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+                 server_name: str | None = None, timeout: float | None = 60.0, max_message_mb: int = 256) -> None:
+        """`client_cert` is (private key PEM, certificate chain PEM) for mTLS; `server_name` overrides the name
+        the server's certificate is checked against."""
+        opts: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", max_message_mb * 2**20),
+            ("grpc.max_send_message_length", max_message_mb * 2**20),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
         if tls or root_certificates or client_cert:
             key, chain = client_cert if client_cert else (None, None)
             creds = grpc.ssl_channel_credentials(root_certificates, key, chain)

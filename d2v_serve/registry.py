@@ -136,6 +136,8 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
     except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError subclasses with long messages
         raise ModelFileError(f"{path}: onnxruntime cannot load it: {' '.join(str(exc).split())[:300]}") from None
     runner = Runner(session)
+    if meta.get("precision") == "fp16" and not runner.on_cuda:
+        log.warning("fp16 model on CPU: it runs, but slower than its fp32 export", extra={"model_file": str(path)})
     missing = [n for n in meta["inputs"] if n not in runner.input_names]
     if missing or "output_mask" not in runner.output_names:
         raise ModelFileError(f"{path}: graph lacks {', '.join(missing) or 'output_mask'}")
