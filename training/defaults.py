@@ -1,0 +1,245 @@
+"""The training config: one defaults table per modality, and how a run's config is resolved from it.
+
+A config is a nested dict of JSON values. Resolution order (later wins): `COMMON`, the modality's table in
+`MODALITY`, a `--config` file (JSON or YAML, nested like the table), explicit command-line flags, then each
+`--set key.path=value` in order. Keys are checked against the table, so a typo fails with the list of known keys.
+The resolved config is stored whole in the checkpoint (`ckpt["training"]["config"]`).
+
+Every number comes from the data2vec reference setups (fairseq / data2vec_vision), see reference/data2vec.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+COMMON: dict[str, Any] = {
+    "modality": None,
+    "preset": "tiny",
+    "steps": None,  # optimizer updates
+    "out": None,
+    "init": None,  # a d2v checkpoint (e.g. d2v-import-hf output) to continue pretraining from
+    "seed": 1,
+    "device": "auto",  # auto | cpu | cuda
+    "precision": "auto",  # auto (cuda: bf16 if supported else fp16; cpu: fp32) | fp32 | bf16 | fp16
+    "cpu_bf16": False,  # let precision=auto use bf16 autocast on CPU
+    "batch_size": 8,  # items per rank per micro-batch
+    "accum": 1,  # micro-batches per optimizer update
+    "lr": 5e-4,
+    "betas": [0.9, 0.98],
+    "eps": 1e-6,
+    "weight_decay": 0.01,
+    "clip_grad": 0.0,  # max global grad norm; 0 = no clipping
+    "schedule": "cosine",  # cosine | tri_stage | constant
+    "warmup_frac": 0.01,  # cosine warmup as a fraction of steps ...
+    "warmup_steps": None,  # ... or as a number of updates (wins when set)
+    "min_lr_ratio": 0.0,  # cosine floor as a fraction of lr
+    "tri_stage": [0.03, 0.90, 0.07],  # warmup / hold / decay fractions of steps
+    "init_lr_scale": 0.01,
+    "final_lr_scale": 0.01,
+    "ema_decay": 0.999,  # tau_0
+    "ema_end_decay": 0.9999,  # tau_e
+    "ema_anneal_steps": 30000,  # T
+    "loss_beta": 0.0,  # 0: L2; > 0: smooth L1 with this beta
+    "loss_scale": None,  # None: 1 / sqrt(hidden_size)
+    "loss_reduce": "sum",  # over dims per masked position: sum | mean
+    "head_layers": 1,  # 1: Linear(D, D); 2: Linear(D, 2D) -> GELU -> Linear(2D, D)
+    "teacher": {
+        "drop": [],  # student parts the teacher leaves out
+        "copy": [],  # student parameters the teacher shares (copied after every step, not averaged)
+        "reads_student_features": False,  # True: teacher encodes the student's front-end features
+        "mask_param": None,  # student parameter written into masked front-end positions
+    },
+    "guard": {"min_target_var": 0.1, "min_pred_var": 0.01, "after": 5000},  # collapse guard (fairseq's values)
+    "save_every": 1000,
+    "log_every": 1,
+    "stop_at": None,  # end this invocation (with a checkpoint) after this update; --resume continues to `steps`
+    "progress": True,  # tqdm progress bar on rank 0
+    "masking": {},
+    "data": {
+        "path": None,
+        "num_workers": 2,  # decoding threads
+        "prefetch": 2,
+        "bucket_batches": 50,  # similar-length batching window (batches)
+        "max_batch_cost": None,  # padded samples / tokens per batch; None = batch_size only
+    },
+    "model": {},  # EncoderConfig overrides on top of the preset (or the --init checkpoint's config)
+}
+
+MODALITY: dict[str, dict[str, Any]] = {
+    # fairseq data2vec audio base (LibriSpeech): Adam(0.9, 0.98) eps 1e-6 wd 0.01, lr 5e-4, tri-stage 3/90/7.
+    "audio": {
+        "batch_size": 8,
+        "lr": 5e-4,
+        "schedule": "tri_stage",
+        "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_steps": 30000,
+        "loss_beta": 0.0, "loss_scale": None, "loss_reduce": "sum", "head_layers": 1,
+        "teacher": {"drop": ["feature_extractor", "feature_projection", "mask_embedding"], "copy": ["pos_conv"],
+                    "reads_student_features": True, "mask_param": "mask_embedding"},
+        "masking": {"mask_prob": 0.65, "mask_length": 10, "min_masks": 2, "require_same_masks": True},
+        "data": {"max_samples": 250000, "min_samples": 0, "pad_audio": False},
+    },
+    # data2vec_vision (BEiT): AdamW(0.9, 0.999) wd 0.05, lr 2e-3 (at batch 2048), 10 of 800 epochs warmup,
+    # cosine, clip 3, drop path 0.25, layer scale 1e-4, constant EMA 0.9998, smooth L1 beta 2 (mean).
+    "image": {
+        "batch_size": 32,
+        "lr": 2e-3,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.05,
+        "clip_grad": 3.0,
+        "schedule": "cosine", "warmup_frac": 0.0125, "min_lr_ratio": 0.005,
+        "ema_decay": 0.9998, "ema_end_decay": 0.9998, "ema_anneal_steps": 0,
+        "loss_beta": 2.0, "loss_scale": 1.0, "loss_reduce": "mean", "head_layers": 1,
+        "teacher": {"drop": [], "copy": [], "reads_student_features": False, "mask_param": "mask_token"},
+        # BEiT: 120 of 196 patches in blocks of >= 16; None scales 120/196 to the preset's grid
+        "masking": {"num_mask_patches": None, "min_block_patches": 16, "max_block_patches": None,
+                    "min_aspect": 0.3, "max_aspect": None},
+        "data": {"augment": True, "crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333333333333],
+                 "hflip": 0.5},
+        "model": {"drop_path": 0.25, "layer_scale_init": 1e-4},
+    },
+    # fairseq data2vec text base: Adam(0.9, 0.98) eps 1e-6 wd 0.01, lr 2e-4, cosine, 10k of 1M warmup, clip 5,
+    # EMA 0.999 -> 0.9999 over 300k, smooth L1 beta 4 scale 1, two-layer head, 15% BERT masking.
+    "text": {
+        "batch_size": 32,
+        "lr": 2e-4,
+        "clip_grad": 5.0,
+        "schedule": "cosine", "warmup_frac": 0.01,
+        "ema_decay": 0.999, "ema_end_decay": 0.9999, "ema_anneal_steps": 300000,
+        "loss_beta": 4.0, "loss_scale": 1.0, "loss_reduce": "sum", "head_layers": 2,
+        "teacher": {"drop": [], "copy": ["token_embed", "position_embed", "token_type_embed", "embed_norm"],
+                    "reads_student_features": False, "mask_param": None},
+        "masking": {"mask_prob": 0.15, "leave_unmasked_prob": 0.1, "random_token_prob": 0.1, "mask_span": 1},
+        # vocab_size None: the preset's vocabulary size; text_max_length None: the model's positions - 2
+        "data": {"vocab_size": None, "text_max_length": None, "min_frequency": 2, "text_mode": "chunk"},
+    },
+}
+
+BEIT_MASK_FRACTION = 120 / 196
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used (one-line message)."""
+
+
+def defaults(modality: str) -> dict[str, Any]:
+    if modality not in MODALITY:
+        raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITY)}")
+    cfg = merge(copy.deepcopy(COMMON), MODALITY[modality], strict=False)
+    cfg["modality"] = modality
+    return cfg
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], strict: bool = True, where: str = "") -> dict[str, Any]:
+    """Recursive merge of `update` into `base` (in place). With strict, keys must already exist in `base`, except
+    under the free-form sections `model` (checked by EncoderConfig)."""
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if strict and key not in base and where not in ("model.",):
+            raise ConfigError(f"unknown config key {path!r}{_suggest(key, base)}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value, strict, f"{path}.")
+        else:
+            base[key] = _coerce(path, base.get(key), value)
+    return base
+
+
+def set_path(cfg: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value`; the value is JSON when it parses as JSON (numbers, true, null, [..]), else a
+    plain string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    update: dict[str, Any] = {leaf: value}
+    for parent in reversed(parents):
+        update = {parent: update}
+    merge(cfg, update)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds one mapping of keys to values")
+    return data
+
+
+def resolve_derived(cfg: dict[str, Any], hidden_size: int, num_patches: int | None) -> dict[str, Any]:
+    """Fill the values left as None that depend on the model: loss scale and the image mask count."""
+    if cfg["loss_scale"] is None:
+        cfg["loss_scale"] = 1.0 / math.sqrt(hidden_size)
+    masking = cfg["masking"]
+    if cfg["modality"] == "image" and masking.get("num_mask_patches") is None:
+        masking["num_mask_patches"] = round(BEIT_MASK_FRACTION * num_patches)
+    return cfg
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """Values that must hold before a run starts."""
+    for key in ("steps", "batch_size", "accum", "save_every", "log_every"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if not cfg["data"]["path"]:
+        raise ConfigError("no training data: pass --data PATH")
+    if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {cfg['precision']!r}")
+    if cfg["device"] not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if not (isinstance(cfg["lr"], int | float) and cfg["lr"] > 0):
+        raise ConfigError(f"lr must be a positive number, got {cfg['lr']!r}")
+
+
+def _coerce(path: str, default: Any, value: Any) -> Any:
+    """Keep the table's types: an int where a float is expected becomes a float, 2.0 where an int is expected
+    becomes 2; anything else of the wrong kind is an error."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int | float) and not isinstance(value, bool):
+        if float(value).is_integer():
+            return int(value)
+    elif isinstance(default, list) and isinstance(value, list | tuple):
+        return list(value)
+    elif isinstance(default, dict) and isinstance(value, dict):
+        return value
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key {path!r} expects {type(default).__name__}, got {value!r}")
+
+
+def _suggest(key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known keys here: {', '.join(sorted(known))}"
