@@ -41,3 +41,29 @@ def tiny_checkpoint(modality: str, preset: str = "tiny", seed: int = 0, **overri
 
 def write_tiny_checkpoint(modality: str, directory: Path, name: str | None = None, **kwargs: Any) -> Path:
     return save_checkpoint(Path(directory) / (name or f"{modality}.pt"), tiny_checkpoint(modality, **kwargs))
+
+
+_MODEL_FILES: dict[str, bytes] = {}  # exports are deterministic: one export per (modality, precision, kwargs)
+
+
+def make_model_file(modality: str, directory: Path, precision: str = "fp32", **checkpoint_kwargs: Any) -> Path:
+    """A tiny checkpoint exported to a verified d2v ONNX model file `directory/{modality}.onnx` (fp32) or
+    `directory/{modality}-{precision}.onnx` (fp16, int8). Only the model file is left in `directory`."""
+    import tempfile
+
+    from export import export_model
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / (f"{modality}.onnx" if precision == "fp32" else f"{modality}-{precision}.onnx")
+    key = repr((modality, precision, sorted(checkpoint_kwargs.items())))
+    if key not in _MODEL_FILES:
+        with tempfile.TemporaryDirectory(prefix="d2v-model-file-") as tmp:
+            ckpt = write_tiny_checkpoint(modality, Path(tmp), **checkpoint_kwargs)
+            model = export_model(ckpt, Path(tmp) / "model.onnx", fp16=precision == "fp16",
+                                 int8=precision == "int8")
+            _MODEL_FILES[key] = Path(model["path"]).read_bytes()
+    out.write_bytes(_MODEL_FILES[key])
+    return out

@@ -1,0 +1,167 @@
+"""Encoder -> ONNX graph: one wrapper per modality with the contract's named inputs and outputs, exported with
+torch's dynamo exporter (eager attention: SDPA with relative position bias does not export), then cleaned so the
+file is reproducible (no stack traces, file paths or exporter-internal metadata) and its axes have plain names."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import warnings
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from training.models import EncoderConfig, EncoderOutput
+from training.targets import target_representation
+
+OPSET = 18  # the dynamo exporter's lowest; ORT >= 1.14 runs it
+INPUTS = {
+    "audio": ["input_values", "attention_mask"],
+    "image": ["pixel_values"],
+    "text": ["input_ids", "attention_mask"],
+}
+OUTPUTS = ["last_hidden_state", "target_hidden_state", "output_mask"]
+LENGTH_AXIS = {"audio": ("samples", "frames"), "text": ("tokens", "tokens")}
+
+
+class ExportError(Exception):
+    """Export cannot produce a verified model file; the message is one line (figures included)."""
+
+
+class _Exportable(nn.Module):
+    """Encoder + the data2vec target space, returning the three graph outputs."""
+
+    def __init__(self, encoder: nn.Module, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+        for module in encoder.modules():
+            if hasattr(module, "use_sdpa"):
+                module.use_sdpa = False
+
+    def outputs(self, out: EncoderOutput) -> tuple[Tensor, Tensor, Tensor]:
+        return out.last_hidden_state, target_representation(out, self.cfg), out.valid_mask.to(torch.int64)
+
+
+class AudioGraph(_Exportable):
+    def forward(self, input_values: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.outputs(self.encoder(input_values, attention_mask))
+
+
+class ImageGraph(_Exportable):
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.outputs(self.encoder(pixel_values))
+
+
+class TextGraph(_Exportable):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.outputs(self.encoder(input_ids, attention_mask))
+
+
+GRAPHS: dict[str, type[_Exportable]] = {"audio": AudioGraph, "image": ImageGraph, "text": TextGraph}
+
+
+def graph_module(encoder: nn.Module, cfg: EncoderConfig) -> _Exportable:
+    """The module whose forward is the exported graph (also the torch reference for verification)."""
+    return GRAPHS[cfg.modality](encoder, cfg).eval()
+
+
+def receptive_field(conv_layers: list[list[int]]) -> int:
+    """Fewest samples that give one audio frame."""
+    n = 1
+    for _, kernel, stride in reversed(conv_layers):
+        n = (n - 1) * stride + kernel
+    return n
+
+
+def total_stride(conv_layers: list[list[int]]) -> int:
+    """Samples per audio frame."""
+    return math.prod(stride for _, _, stride in conv_layers)
+
+
+def max_tokens(cfg: EncoderConfig) -> int:
+    """Most tokens (specials included) the position table holds: RoBERTa positions start after pad_id."""
+    return cfg.max_positions - cfg.pad_id - 1
+
+
+def _example(cfg: EncoderConfig) -> tuple[dict[str, Tensor], dict[str, dict[int, Dim]]]:
+    batch = Dim("batch", min=1)
+    if cfg.modality == "image":
+        size = cfg.image_size
+        return {"pixel_values": torch.zeros(2, cfg.num_channels, size, size)}, {"pixel_values": {0: batch}}
+    if cfg.modality == "audio":
+        n = receptive_field(cfg.conv_layers) + 7 * total_stride(cfg.conv_layers)
+        values = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+        length = Dim("samples", min=receptive_field(cfg.conv_layers))
+        inputs = {"input_values": values, "attention_mask": torch.ones(2, n, dtype=torch.int64)}
+    else:
+        n = min(12, max_tokens(cfg))
+        ids = torch.full((2, n), cfg.pad_id + 2, dtype=torch.int64)
+        length = Dim("tokens", min=1, max=max_tokens(cfg))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(2, n, dtype=torch.int64)}
+    return inputs, {name: {0: batch, 1: length} for name in inputs}
+
+
+def export_graph(module: _Exportable, cfg: EncoderConfig, opset: int = OPSET) -> onnx.ModelProto:
+    """Run torch's exporter on `module`; returns the cleaned fp32 ModelProto. Exporter chatter is kept off stdout."""
+    inputs, dynamic_shapes = _example(cfg)
+    chatter = io.StringIO()
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (), kwargs=inputs, input_names=list(inputs), output_names=OUTPUTS, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, optimize=True, verbose=False,
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
+    finally:
+        registry_log.setLevel(level)
+    model = program.model_proto
+    clean(model, cfg.modality)
+    return model
+
+
+def clean(model: onnx.ModelProto, modality: str) -> None:
+    """Drop what makes a file depend on where and when it was exported, and name the dynamic axes plainly."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.metadata_props[:]
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    model.graph.name = f"d2v_{modality}"
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        if modality in LENGTH_AXIS:
+            dims[1].dim_param = LENGTH_AXIS[modality][1]
+
+
+def target_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that only `target_hidden_state` needs (per-layer norms, top-K average): the part of the
+    graph that stays float32 in the fp16 variant, because sums over time overflow float16."""
+    nodes = model.graph.node
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+
+    def ancestors(names: list[str]) -> set[int]:
+        seen: set[int] = set()
+        stack = list(names)
+        while stack:
+            i = producer.get(stack.pop())
+            if i is None or i in seen:
+                continue
+            seen.add(i)
+            stack.extend(nodes[i].input)
+        return seen
+
+    only = ancestors(["target_hidden_state"]) - ancestors(["last_hidden_state", "output_mask"])
+    return [nodes[i].name for i in sorted(only)]
