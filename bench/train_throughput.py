@@ -1,0 +1,114 @@
+"""Training throughput (samples/s) of d2v-train's update step, per modality and preset, as a markdown table.
+
+    .venv/bin/python bench/train_throughput.py                                  # tiny + small, all modalities
+    .venv/bin/python bench/train_throughput.py --presets base --device cuda --batch-size 16
+
+Data is synthetic and made here (tones, drawn shapes, sentences), decoded by the real data pipeline. Each cell
+builds a Trainer, runs `--warmup` updates, then times `--steps` updates (forward, backward, optimizer, EMA,
+data decoding in background threads). Items: audio crops of `--audio-seconds`, images at the preset's size,
+text pieces of `--text-tokens` tokens. Not a test: numbers depend on the machine and what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image, ImageDraw
+
+from training.defaults import defaults, set_path
+from training.trainer import Trainer
+
+WORDS = ("the a teacher student model learns sees hears masked view speech image text river stone house moon "
+         "boat tree letter garden quiet bright small long every morning night slowly with care").split()
+
+
+def make_data(root: Path, count: int = 32, seed: int = 0) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    (root / "wav").mkdir()
+    (root / "img").mkdir()
+    for i in range(count):
+        t = np.arange(16000 * 4) / 16000
+        phase = 2 * np.pi * np.cumsum(rng.uniform(100, 300) * (1 + t * rng.uniform(0, 1))) / 16000
+        x = sum(np.sin(k * phase) / k for k in range(1, 6)) + 0.01 * rng.standard_normal(len(t))
+        sf.write(root / "wav" / f"{i}.wav", (0.3 * x / np.abs(x).max()).astype(np.float32), 16000)
+        img = Image.new("RGB", (288, 256), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = (int(v) for v in rng.integers(0, 200, 2))
+            draw.ellipse([x0, y0, x0 + 60, y0 + 50], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img.save(root / "img" / f"{i}.png")
+    docs = [" ".join(rng.choice(WORDS, 600)) for _ in range(count * 4)]
+    (root / "txt").mkdir()
+    (root / "txt" / "corpus.txt").write_text("\n".join(docs) + "\n")
+    return {"audio": root / "wav", "image": root / "img", "text": root / "txt"}
+
+
+def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, out: Path) -> dict[str, object]:
+    cfg = defaults(modality)
+    sets = [f"preset={preset}", f"data.path={data}", f"steps={args.warmup + args.steps}", f"out={out}",
+            f"device={args.device}", "progress=false", "data.bucket_batches=0", f"lr={cfg['lr']}"]
+    if args.batch_size:
+        sets.append(f"batch_size={args.batch_size}")
+    if modality == "audio":
+        sets.append(f"data.max_samples={int(args.audio_seconds * 16000)}")
+    if modality == "text":
+        sets += [f"data.text_max_length={args.text_tokens}", "data.vocab_size=2048"]
+    for s in sets:
+        set_path(cfg, s)
+    trainer = Trainer(cfg)
+    for _ in range(args.warmup):
+        trainer.train_step()
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    start, samples = time.perf_counter(), trainer.samples
+    for _ in range(args.steps):
+        trainer.train_step()
+    sync()
+    elapsed = time.perf_counter() - start
+    n = trainer.samples - samples
+    params = sum(p.numel() for p in trainer.objective.student.parameters())
+    item = {"audio": f"{args.audio_seconds:g} s", "image": f"{trainer.enc_cfg.image_size}px",
+            "text": f"{args.text_tokens} tok"}[modality]
+    precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"
+    return {"modality": modality, "preset": preset, "params": f"{params / 1e6:.1f}M", "batch": cfg["batch_size"],
+            "item": item, "device": str(trainer.device), "precision": precision,
+            "samples/s": f"{n / elapsed:.1f}", "s/update": f"{elapsed / args.steps:.3f}"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modalities", nargs="+", default=["audio", "image", "text"])
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--audio-seconds", type=float, default=2.0)
+    p.add_argument("--text-tokens", type=int, default=128)
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp))
+        for preset in args.presets:
+            for modality in args.modalities:
+                rows.append(measure(modality, preset, data[modality], args, Path(tmp) / f"run-{modality}-{preset}"))
+                print(f"done {modality} {preset}: {rows[-1]['samples/s']} samples/s", file=sys.stderr)
+    keys = list(rows[0])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed updates after "
+          f"{args.warmup} warm-up\n")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
