@@ -38,6 +38,8 @@ from tests.serve_fixtures import (
 )
 
 Code = grpc.StatusCode
+HIDDEN = 64  # the tiny presets
+IMAGE_POSITIONS = 1 + (64 // 8) ** 2  # CLS + patches of the tiny image preset
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras", "a server batches requests",
          "data2vec data2vec", "numbers 0123456789 and punctuation !?.,;:"]
 
@@ -45,26 +47,12 @@ TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras",
 # ---- fixtures -----------------------------------------------------------------------------------------------
 
 
-def _quantize(src: TinyModel, dst: Path) -> TinyModel:
-    import onnx
-    from onnxruntime.quantization import quantize_dynamic
-
-    quantize_dynamic(str(src.path), str(dst), op_types_to_quantize=["MatMul"])
-    proto = onnx.load(str(dst))
-    for prop in proto.metadata_props:
-        if prop.key == "d2v":
-            meta = json.loads(prop.value)
-            meta["precision"] = "int8"
-            prop.value = json.dumps(meta)
-    onnx.save(proto, str(dst))
-    return TinyModel(dst, src.modality, src.torch_model, src.preprocessing)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
     directory = tmp_path_factory.mktemp("models")
     out = {m: make_tiny_model(m, directory) for m in ("audio", "image", "text")}
-    out["text-int8"] = _quantize(out["text"], directory / "text-int8.onnx")
+    out["text-int8"] = make_tiny_model("text", directory, precision="int8")
+    assert all(m.meta["hidden_size"] == HIDDEN for m in out.values())
     return out
 
 
@@ -90,7 +78,7 @@ def text_only(models: dict[str, TinyModel], tmp_path: Path) -> Path:
 _sessions: dict[Path, ort.InferenceSession] = {}
 
 
-def direct(model: TinyModel, value: np.ndarray) -> dict[str, np.ndarray]:
+def direct(model: TinyModel, value: np.ndarray, with_torch: bool = True) -> dict[str, np.ndarray]:
     """The model file run directly by onnxruntime on one prepared input, and the torch model on the same feeds;
     returns the valid positions of each output, keys `onnx:<output>` and `torch:<output>`."""
     if model.path not in _sessions:
@@ -98,13 +86,12 @@ def direct(model: TinyModel, value: np.ndarray) -> dict[str, np.ndarray]:
     feeds = collate(model.modality, [value], pad_id=getattr(model.preprocessing, "pad_id", 1))
     names = ["last_hidden_state", "target_hidden_state", "output_mask"]
     onnx_out = dict(zip(names, _sessions[model.path].run(names, feeds), strict=True))
-    torch_out = model.torch_outputs(feeds)
     valid = onnx_out["output_mask"][0].astype(bool)
-    np.testing.assert_array_equal(valid, torch_out["output_mask"][0].astype(bool))
-    result = {}
-    for name in names[:2]:
-        result[f"onnx:{name}"] = onnx_out[name][0][valid]
-        result[f"torch:{name}"] = torch_out[name][0][valid]
+    result = {f"onnx:{name}": onnx_out[name][0][valid] for name in names[:2]}
+    if with_torch:
+        torch_out = model.torch_outputs(feeds)
+        np.testing.assert_array_equal(valid, torch_out["output_mask"][0].astype(bool))
+        result.update({f"torch:{name}": torch_out[name][0][valid] for name in names[:2]})
     return result
 
 
@@ -189,7 +176,7 @@ def test_pooling_normalize_dtype(client: Client, models: dict[str, TinyModel]) -
     np.testing.assert_allclose(np.linalg.norm(half.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
-def test_usage_timings_and_data_uri(client: Client) -> None:
+def test_usage_timings_and_data_uri(client: Client, models: dict[str, TinyModel]) -> None:
     import base64
 
     png = encode_image(picture(20, 20), "PNG")
@@ -199,31 +186,25 @@ def test_usage_timings_and_data_uri(client: Client) -> None:
     a, b = (np.frombuffer(e.tensor.data, "<f4") for e in response.embeddings)
     np.testing.assert_array_equal(a, b)
     assert response.request_id == "r1" and response.model == "image"
-    assert response.usage.images == 2 and response.usage.positions == 2 * 17
+    assert response.usage.images == 2 and response.usage.positions == 2 * IMAGE_POSITIONS
     t = response.timings
     assert t.total_ms >= t.preprocess_ms > 0 and t.inference_ms > 0 and t.queue_ms >= 0
     wav = encode_audio(tone(1.0), 16000, "WAV")
     usage = client.embed_request(pb.EmbedRequest(model="audio", inputs=[pb.Input(audio=wav)])).usage
     assert usage.audio_frames == 49 and abs(usage.audio_seconds - 1.0) < 1e-6
     usage = client.embed_request(pb.EmbedRequest(model="text", inputs=[pb.Input(text="hello world")])).usage
-    assert usage.tokens == usage.positions == len(prepared_text_ids("hello world"))
-
-
-def prepared_text_ids(text: str) -> np.ndarray:
-    from tests.serve_fixtures import _preprocessing
-
-    return _preprocessing("text").prepare(text)
+    assert usage.tokens == usage.positions == len(models["text"].preprocessing.prepare("hello world"))
 
 
 def test_list_and_describe_models(client: Client) -> None:
     names = {m["name"]: m for m in client.list_models()}
     assert set(names) == {"audio", "image", "text", "text-int8"}
     text = client.describe_model("text")
-    assert text["modality"] == "text" and text["hidden_size"] == 16 and text["max_tokens"] == 64
+    assert text["modality"] == "text" and text["hidden_size"] == HIDDEN and text["max_tokens"] == 64
     assert text["representations"] == ["last", "target"] and text["ready"]
     assert text["execution_provider"] == "CPUExecutionProvider"
     assert "tokenizer" not in text["metadata"]["preprocessing"]
-    assert names["audio"]["sample_rate"] == 16000 and names["image"]["image_size"] == 32
+    assert names["audio"]["sample_rate"] == 16000 and names["image"]["image_size"] == 64
     assert names["text-int8"]["precision"] == "int8"
 
 
@@ -270,7 +251,7 @@ def test_batch_invariance_under_concurrent_mixed_lengths(client: Client, models:
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda job: one(*job), jobs))
     for kind, i, out in results:
-        ref = direct(models[kind], prepared(models[kind], texts[i] if kind == "text" else clips[i]))
+        ref = direct(models[kind], prepared(models[kind], texts[i] if kind == "text" else clips[i]), with_torch=False)
         np.testing.assert_allclose(out, ref["onnx:last_hidden_state"], atol=1e-5, rtol=0)
     batches = counter("d2v_batch_size_count", {"model": "text"}) - before[0]
     inputs = counter("d2v_batch_size_sum", {"model": "text"}) - before[1]
@@ -279,8 +260,8 @@ def test_batch_invariance_under_concurrent_mixed_lengths(client: Client, models:
     # one request carrying every length at once: a single cost-bounded batch (or a few)
     together = client.embed(texts, "text", pooling="none")
     for text, out in zip(texts, together, strict=True):
-        np.testing.assert_allclose(out, direct(models["text"], prepared(models["text"], text))[
-            "onnx:last_hidden_state"], atol=1e-5, rtol=0)
+        ref = direct(models["text"], prepared(models["text"], text), with_torch=False)
+        np.testing.assert_allclose(out, ref["onnx:last_hidden_state"], atol=1e-5, rtol=0)
 
 
 def test_int8_batched_close_to_alone(client: Client) -> None:
@@ -388,7 +369,7 @@ def test_bad_item_at_runtime_does_not_fail_its_batch(text_only: Path) -> None:
             good = [pool.submit(c.embed, t, "text") for t in ("fine one", "another good one here")]
             bad = pool.submit(c.embed, "poison pill", "text")
             for f in good:
-                assert f.result().shape == (16,)
+                assert f.result().shape == (HIDDEN,)
             with pytest.raises(EmbedError) as info:
                 bad.result()
         assert info.value.code == Code.INTERNAL and "\n" not in info.value.message
@@ -397,7 +378,7 @@ def test_bad_item_at_runtime_does_not_fail_its_batch(text_only: Path) -> None:
 
 def test_unavailable_while_draining(text_only: Path) -> None:
     with ServerThread(text_only) as srv, Client(srv.target) as c:
-        assert c.embed("before", "text").shape == (16,)
+        assert c.embed("before", "text").shape == (HIDDEN,)
         srv.server._service.begin_drain()
         err = rpc_error(c.embed, "after", "text")
         assert err.code == Code.UNAVAILABLE and "shutting down" in err.message
@@ -413,7 +394,7 @@ def test_bearer_token_auth(text_only: Path) -> None:
         with Client(srv.target, token="wrong") as wrong:
             assert rpc_error(wrong.embed, "hi", "text").code == Code.UNAUTHENTICATED
         with Client(srv.target, token="s3cret") as ok:
-            assert ok.embed("hi", "text").shape == (16,)
+            assert ok.embed("hi", "text").shape == (HIDDEN,)
             assert len(list(ok.embed_stream(["a", "b"], "text"))) == 2
 
 
@@ -474,7 +455,7 @@ def test_health_warming_serving_dead_and_stopped(text_only: Path, monkeypatch: p
         release.set()
         starting.result(30)
         assert all(_health(target, n) == "SERVING" for n in names)
-        assert c.embed("now", "text").shape == (16,)
+        assert c.embed("now", "text").shape == (HIDDEN,)
 
         # a worker that dies takes the server's health down with it
         def broken(*_args: object) -> list:
@@ -538,7 +519,7 @@ def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_pat
             time.sleep(0.15)  # they sit in the batcher (max delay 400 ms) when the signal arrives
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=30) for f in in_flight]
-        assert all(r.shape == (16,) for r in results)
+        assert all(r.shape == (HIDDEN,) for r in results)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
@@ -567,13 +548,13 @@ def test_d2v_embed_cli(server: ServerThread, client: Client, tmp_path: Path, cap
     png.write_bytes(encode_image(picture(40, 40), "PNG"))
     npz = tmp_path / "pic.npz"
     assert embed_main([str(png), "--server", server.target, "--pooling", "none", "-o", str(npz)]) == 0
-    assert np.load(npz)["input_0"].shape == (17, 16)
+    assert np.load(npz)["input_0"].shape == (IMAGE_POSITIONS, HIDDEN)
 
     capsys.readouterr()
     assert embed_main(["--text", "hello world", "zebras", "--server", server.target, "--model", "text",
                        "--normalize", "--representation", "target"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [d["input"] for d in doc] == ["hello world", "zebras"] and doc[0]["shape"] == [16]
+    assert [d["input"] for d in doc] == ["hello world", "zebras"] and doc[0]["shape"] == [HIDDEN]
     np.testing.assert_allclose(doc[1]["embedding"], client.embed("zebras", "text", normalize=True,
                                                                  representation="target"), atol=1e-6)
 
@@ -614,7 +595,7 @@ def test_tls_and_mtls(text_only: Path, tmp_path: Path) -> None:
     pem = cert.read_bytes()
     with ServerThread(text_only, tls_cert=str(cert), tls_key=str(key)) as srv:
         with Client(srv.target, root_certificates=pem, server_name="d2v.test") as c:
-            assert c.embed("over tls", "text").shape == (16,)
+            assert c.embed("over tls", "text").shape == (HIDDEN,)
         with Client(srv.target, timeout=1) as plain:
             assert rpc_error(plain.embed, "plaintext", "text").code == Code.UNAVAILABLE
     with ServerThread(text_only, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(cert)) as srv:
@@ -622,4 +603,4 @@ def test_tls_and_mtls(text_only: Path, tmp_path: Path) -> None:
             assert rpc_error(anonymous.embed, "no client certificate", "text").code == Code.UNAVAILABLE
         with Client(srv.target, root_certificates=pem, server_name="d2v.test",
                     client_cert=(key.read_bytes(), pem)) as c:
-            assert c.embed("mutual tls", "text").shape == (16,)
+            assert c.embed("mutual tls", "text").shape == (HIDDEN,)

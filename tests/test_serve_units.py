@@ -83,7 +83,7 @@ def test_queue_bound_counts_reserved_inputs() -> None:
 def test_read_metadata_round_trip(tmp_path: Path) -> None:
     model = make_tiny_model("text", tmp_path)
     meta = read_metadata(model.path)
-    assert meta["modality"] == "text" and meta["max_positions"] == 64
+    assert meta["modality"] == "text" and meta["max_positions"] == 64 and meta["precision"] == "fp32"
     assert meta["preprocessing"]["tokenizer"] == model.preprocessing.tokenizer_json
 
 
