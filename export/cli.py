@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from training.checkpoint import CheckpointError
@@ -49,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         print(f"d2v-export: error: {e}; no file written", file=sys.stderr)
         return EXIT_PARITY
-    except (CheckpointError, ExportError) as e:
+    except (CheckpointError, ExportError, OSError) as e:
         print(f"d2v-export: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("D2V_EXPORT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"d2v-export: error: internal error {type(e).__name__}: {first} (set D2V_EXPORT_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
         return EXIT_ERROR
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:

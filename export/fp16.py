@@ -26,7 +26,12 @@ class Fp16Error(Exception):
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):  # fused contrib ops (--optimize)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    else:
+        inferred = onnx.shape_inference.infer_shapes(model)
     types = {}
     for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
         types[value.name] = value.type.tensor_type.elem_type

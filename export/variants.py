@@ -83,4 +83,7 @@ def optimize(model: onnx.ModelProto, cfg: EncoderConfig) -> tuple[onnx.ModelProt
     fused = {op: n for op, n in sorted(optimized.get_fused_operator_statistics().items()) if n}
     if not fused:
         return None, {"applied": False, "note": "skipped: no bert fusion matched this graph"}
+    domains = {op.domain for op in optimized.model.opset_import}
+    for domain in sorted({n.domain for n in optimized.model.graph.node} - domains - {""}):
+        optimized.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # e.g. com.microsoft fusions
     return optimized.model, {"applied": True, "model_type": "bert", "fused": fused}
