@@ -84,7 +84,7 @@ class Trainer:
         if self.dist.enabled:
             self.model = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=self.enc_cfg.layerdrop > 0)
+                forward_sync_buffers=False, find_unused_parameters=self.enc_cfg.layerdrop > 0)
 
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
