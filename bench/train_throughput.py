@@ -72,6 +72,7 @@ def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, ou
         trainer.train_step()
     sync()
     elapsed = time.perf_counter() - start
+    trainer.close()
     n = trainer.samples - samples
     params = sum(p.numel() for p in trainer.objective.student.parameters())
     item = {"audio": f"{args.audio_seconds:g} s", "image": f"{trainer.enc_cfg.image_size}px",

@@ -295,6 +295,7 @@ class Trainer:
                 bar.close()
             if log is not None:
                 log.close()
+            self.close()
         digests = distributed.all_gather_objects(self.param_digest(), d)
         summary = {"event": "end", "step": self.step, "param_digests": digests,
                    "ranks_in_sync": len(set(digests)) == 1, "last": metrics}
@@ -302,6 +303,12 @@ class Trainer:
             with (self.out / METRICS_NAME).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(summary) + "\n")
         return summary
+
+    def close(self) -> None:
+        """Stop the data threads (a later step starts a fresh stream at the current position)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def _open_log(self) -> Any:
         """Rank 0 appends to DIR/metrics.jsonl, first dropping lines past the step it resumes from."""
