@@ -353,3 +353,11 @@ def test_stream_option_errors(audio_dir):
         DataConfig(min_samples=10, max_samples=5)
     with pytest.raises(ValueError, match="dataset is audio"):
         make_batches("text", ds, batch_size=2)
+
+
+def test_text_corpus_with_long_lines_is_not_mistaken_for_a_manifest(tmp_path):
+    from training.data_sources import find_sources
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("word " * 200 + "\nanother document\n", encoding="utf-8")
+    assert find_sources("text", corpus).files == [corpus]  # a corpus file, not a list of paths

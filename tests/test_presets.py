@@ -48,3 +48,8 @@ def test_preset_equals_published_architecture(modality, size):
     assert set(mapped) | {"mask_embedding", "mask_token"} >= set(ours)
     hf_count = sum(v.numel() for k, v in hf_model.state_dict().items() if not k.startswith("pooler.dense"))
     assert sum(v.numel() for k, v in ours.items() if k in mapped) == hf_count
+
+
+def test_target_layers_follow_an_overridden_depth():
+    assert EncoderConfig.preset("audio", "tiny", num_layers=12).target_layers == 8
+    assert EncoderConfig.preset("text", "tiny", num_layers=2, target_layers=1).target_layers == 1

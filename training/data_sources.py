@@ -92,7 +92,14 @@ def _looks_like_manifest(modality: str, path: Path) -> bool:
     if modality != "text":
         return False
     lines = [line for _, line in _lines(path, limit=20)]
-    return bool(lines) and all((path.parent / line).is_file() for line in lines)
+    return bool(lines) and all(_is_file(path.parent / line) for line in lines)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a corpus line too long to be a file name
+        return False
 
 
 def _lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, str]]:

@@ -105,9 +105,8 @@ class EncoderConfig:
             raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-        values = {**MODALITY_DEFAULTS[modality], **SIZES[name], **SIZE_MODALITY[name].get(modality, {})}
-        values["target_layers"] = _scaled_top_k(TOP_K_OF_12[modality], values["num_layers"], name)
-        values.update(overrides)
+        values = {**MODALITY_DEFAULTS[modality], **SIZES[name], **SIZE_MODALITY[name].get(modality, {}), **overrides}
+        values.setdefault("target_layers", _scaled_top_k(TOP_K_OF_12[modality], values["num_layers"], name))
         return cls(modality=modality, **values)
 
 
