@@ -9,6 +9,7 @@ import numpy as np
 from ._proto.d2v.v1 import embedder_pb2 as pb
 from .errors import failed_precondition, invalid_argument
 from .registry import REPRESENTATIONS, Model
+from .tensors import to_tensor
 
 POOLINGS = {pb.POOLING_UNSPECIFIED: "mean", pb.POOLING_MEAN: "mean", pb.POOLING_NONE: "none", pb.POOLING_CLS: "cls"}
 _REPRESENTATIONS = {pb.REPRESENTATION_UNSPECIFIED: "last", pb.REPRESENTATION_LAST_LAYER: "last",
@@ -23,8 +24,11 @@ class OutputOptions:
     normalize: bool = False
     dtype: type = np.float32
 
-    def __call__(self, hidden: np.ndarray) -> np.ndarray:
-        """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none)."""
+    def __call__(self, hidden: np.ndarray) -> pb.Tensor:
+        """[positions, hidden] -> the packed [hidden] (mean, cls) or [positions, hidden] (none)."""
+        return to_tensor(self.apply(hidden))
+
+    def apply(self, hidden: np.ndarray) -> np.ndarray:
         h = np.asarray(hidden, dtype=np.float32)
         if self.pooling == "mean":
             h = h.mean(axis=0, dtype=np.float64).astype(np.float32)

@@ -20,7 +20,6 @@ from .errors import INPUT_INDEX_KEY, ServeError, internal, invalid_argument, not
 from .inputs import Prepared, check_modality, input_modality, prepare
 from .postprocess import output_options
 from .registry import REPRESENTATIONS, Model
-from .tensors import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +81,28 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
         with self._tracked():
-            window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=self.config.stream_window)
+            slots = asyncio.Semaphore(self.config.stream_window)
+            pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()  # holds at most window + 1
 
             async def read() -> None:
                 try:
                     async for request in request_iterator:
-                        await window.put(asyncio.ensure_future(self._stream_one(request, context)))
+                        await slots.acquire()  # at the window: stop reading, the client feels backpressure
+                        pending.put_nowait(asyncio.ensure_future(self._stream_one(request, context)))
                 finally:
-                    await window.put(None)
+                    pending.put_nowait(None)
 
             reader = asyncio.create_task(read())
             try:
-                while (task := await window.get()) is not None:
-                    yield await task
+                while (task := await pending.get()) is not None:
+                    response = await task
+                    slots.release()
+                    yield response
                 await reader  # surfaces a failed read
             finally:
                 reader.cancel()
-                while not window.empty():
-                    if (task := window.get_nowait()) is not None:
+                while not pending.empty():
+                    if (task := pending.get_nowait()) is not None:
                         task.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -127,11 +130,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def _embed(self, request: pb.EmbedRequest, remaining: float | None, wait: bool, method: str
                      ) -> pb.EmbedResponse:
         start = time.perf_counter()
+        deadline = None if remaining is None else time.monotonic() + remaining
         model_name = request.model or "-"
         try:
             model = self._model_for(request)
             model_name = model.name
-            response = await self._embed_with(model, request, remaining, wait, start)
+            response = await self._embed_with(model, request, deadline, wait, start)
         except ServeError as exc:
             metrics.REQUESTS.labels(method, exc.code.name).inc()
             metrics.ERRORS.labels(model_name, exc.code.name).inc()
@@ -154,7 +158,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                                         "total_ms": response.timings.total_ms, "request_id": request.request_id})
         return response
 
-    async def _embed_with(self, model: Model, request: pb.EmbedRequest, remaining: float | None, wait: bool,
+    async def _embed_with(self, model: Model, request: pb.EmbedRequest, deadline: float | None, wait: bool,
                           start: float) -> pb.EmbedResponse:
         if self.draining:
             raise unavailable("server is shutting down; retry on another replica")
@@ -179,7 +183,6 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             prepared = await self._prepare_all(model, request.inputs, request.options.truncate)
             preprocess_s = time.perf_counter() - start
             metrics.STAGE_SECONDS.labels(model.name, "preprocess").observe(preprocess_s)
-            deadline = None if remaining is None else time.monotonic() + remaining
             items = [Item(p.value, model.cost(p.value), options.output, options, deadline) for p in prepared]
             batcher.submit(items)
         except BaseException:
@@ -260,7 +263,7 @@ def _response(model: Model, request: pb.EmbedRequest, prepared: list[Prepared], 
         usage.images = len(results)
     timings = pb.Timings(preprocess_ms=1000 * preprocess_s, queue_ms=1000 * max(r.queue_s for r in results),
                          inference_ms=1000 * max(r.run_s for r in results), total_ms=1000 * total_s)
-    embeddings = [pb.Embedding(tensor=to_tensor(r.value), positions=r.positions, truncated=p.truncated)
+    embeddings = [pb.Embedding(tensor=r.value, positions=r.positions, truncated=p.truncated)
                   for r, p in zip(results, prepared, strict=True)]
     return pb.EmbedResponse(model=model.name, embeddings=embeddings, usage=usage, timings=timings,
                             request_id=request.request_id)

@@ -217,6 +217,14 @@ def test_embed_stream_keeps_order(client: Client, models: dict[str, TinyModel]) 
         np.testing.assert_allclose(s, u, atol=1e-5)
 
 
+def test_stream_window_bounds_in_flight_requests(text_only: Path) -> None:
+    with ServerThread(text_only, stream_window=2) as srv, Client(srv.target) as c:
+        texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(20)]
+        streamed = list(c.embed_stream(texts, "text", batch_size=1))
+        for s, u in zip(streamed, c.embed(texts, "text"), strict=True):
+            np.testing.assert_allclose(s, u, atol=1e-5)
+
+
 def test_stream_reports_bad_request_in_band(server: ServerThread) -> None:
     channel = grpc.insecure_channel(server.target)
     stub = pb_grpc.EmbedderStub(channel)
