@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="int8 dynamic quantization of the MatMul weights, for CPU serving")
     parser.add_argument("--optimize", action="store_true",
                         help="fuse with onnxruntime's transformer optimizer where it applies (image, text)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, {OPSET} or newer (default {OPSET})")
     parser.add_argument("--report", metavar="JSON", help="also write the full export report to this file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--tolerance", type=float, default=None, help=argparse.SUPPRESS)

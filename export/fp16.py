@@ -19,6 +19,7 @@ from .graph import target_only_nodes
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
+RANGE = ("fp16_lowest", "fp16_max")  # float32 scalars: values cross into float16 clipped to its finite range
 
 
 class Fp16Error(Exception):
@@ -56,7 +57,7 @@ def float32_nodes(model: onnx.ModelProto) -> set[str]:
 
 
 def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
-    """The float16 model and the names of its float32 nodes."""
+    """The float16 model and the names of its float32 nodes (the inserted Clips included)."""
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise Fp16Error("graphs with subgraphs (If/Loop) are not supported")
@@ -105,7 +106,15 @@ def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
         key = (name, HALF if want_half else FLOAT)
         if key not in casts:
             casts[key] = f"{name}__{'fp16' if want_half else 'fp32'}"
-            nodes.append(helper.make_node("Cast", [name], [casts[key]], name=f"cast/{casts[key]}", to=key[1]))
+            source = name
+            if want_half:  # e.g. the additive key-padding mask holds float32's lowest value: keep it finite
+                if not new_inits or new_inits[0].name != RANGE[0]:
+                    new_inits[:0] = [numpy_helper.from_array(np.array(v, np.float32), n)
+                                     for n, v in zip(RANGE, (-FP16_MAX, FP16_MAX), strict=True)]
+                source = f"{name}__clipped"
+                nodes.append(helper.make_node("Clip", [name, *RANGE], [source], name=f"clip/{name}"))
+                keep32.add(f"clip/{name}")
+            nodes.append(helper.make_node("Cast", [source], [casts[key]], name=f"cast/{casts[key]}", to=key[1]))
         return casts[key]
 
     for node in graph.node:

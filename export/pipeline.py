@@ -125,6 +125,8 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     """
     if fp16 and int8:
         raise ExportError("choose one of fp16 and int8")
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} is below {OPSET}, the lowest torch's dynamo exporter writes")
     say = progress or (lambda _msg: None)
     tolerance = default_tolerance() if tolerance is None else tolerance
     started = time.perf_counter()
@@ -151,7 +153,7 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
                                     pooled_target), tolerance=tolerance)
     parity: dict[str, Any] = {
         "reference": "torch fp32 (eager attention)", "provider": V.CPU, "shapes": shapes, "tolerance": tolerance,
-        "min_cosine": MIN_COSINE, "cosine": "pooled over valid positions" + (
+        "min_cosine": MIN_COSINE, "cosine_definition": "pooled over valid positions" + (
             "" if pooled_target else "; target_hidden_state: whole item (its mean over time is zero)"),
         "fp32": V.rounded(fp32),
     }

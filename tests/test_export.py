@@ -295,3 +295,11 @@ def test_optimize_fuses_text_and_skips_audio_with_a_note(fp32, checkpoints, tmp_
     cfg = encoder_config(load_checkpoint(checkpoints["audio"]))
     fused, skipped = optimize(onnx.load(fp32["audio"]["path"]), cfg)
     assert fused is None and not skipped["applied"] and "skipped" in skipped["note"]
+
+
+def test_opset_below_dynamo_minimum_is_refused_before_any_work(checkpoints, tmp_path):
+    from export import ExportError
+
+    with pytest.raises(ExportError, match="opset 17 is below 18"):
+        export_model(checkpoints["text"], tmp_path / "model.onnx", opset=17)
+    assert list(tmp_path.iterdir()) == []
