@@ -48,7 +48,8 @@ def _inputs(cfg: EncoderConfig, batch: int, length: int) -> dict[str, np.ndarray
     lengths = np.linspace(length // 2, length, batch).astype(int)  # a mixed-length padded batch
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
     if cfg.modality == "audio":
-        return {"input_values": rng.standard_normal((batch, length)).astype(np.float32) * mask, "attention_mask": mask}
+        values = (rng.standard_normal((batch, length)) * mask).astype(np.float32)
+        return {"input_values": values, "attention_mask": mask}
     ids = np.where(mask == 1, rng.integers(3, cfg.vocab_size, (batch, length)), cfg.pad_id).astype(np.int64)
     return {"input_ids": ids, "attention_mask": mask}
 
