@@ -33,14 +33,19 @@ OUTPUT_MASK = "output_mask"
 class BatchPolicy:
     max_batch_size: int = 64
     budget: int = 16384  # padded cost units per batch: text tokens, audio samples, image pixels
-    pad_multiple: int = 1  # batch length rounded up to a multiple of this (bounds the number of shapes)
+    length_buckets: int = 0  # batch lengths round up to one of this many per doubling (0: exact lengths)
     max_length: int = 0  # padding never goes beyond this (text: the model's positions); 0: no cap
     max_delay_s: float = 0.002
     sort_window: int = 512
     max_queue: int = 2048
 
     def padded(self, length: int) -> int:
-        n = -(-length // self.pad_multiple) * self.pad_multiple
+        """The batch length for a longest input of `length`: geometric buckets waste at most 1/length_buckets
+        and bound the number of shapes a session sees (what matters on GPUs)."""
+        if self.length_buckets <= 0 or length <= 1:
+            return length
+        step = max(1, (1 << (length.bit_length() - 1)) // self.length_buckets)
+        n = -(-length // step) * step
         return min(n, max(self.max_length, length)) if self.max_length else n
 
 
@@ -259,7 +264,7 @@ class Batcher:
         return self.runner.run(feeds, outputs)
 
     def _pad(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Right-pad the length axis to the policy's multiple (bounded number of shapes)."""
+        """Right-pad the length axis to the policy's bucket (bounded number of shapes)."""
         width = feeds["attention_mask"].shape[1]
         extra = self.policy.padded(width) - width
         if extra <= 0:

@@ -45,8 +45,9 @@ class ServerConfig:
     sort_window: int = field(default=512, metadata={"help": "queued inputs sorted by length when forming a batch"})
     max_queue: int = field(default=2048, metadata={"help": "inputs admitted per model (preprocessing or queued); "
                                                             "beyond: RESOURCE_EXHAUSTED"})
-    pad_tokens_multiple: int = field(default=8, metadata={"help": "text batches are padded to a multiple of this"})
-    pad_audio_ms: int = field(default=100, metadata={"help": "audio batches are padded to a multiple of this"})
+    length_buckets: int = field(default=-1, metadata={"help": "batch lengths (tokens, samples) round up to one of N "
+                                                               "lengths per doubling: at most 1/N padding, a bounded "
+                                                               "number of shapes (0: exact; -1: 8 on CUDA, 0 on CPU)"})
     # request limits
     max_request_inputs: int = field(default=512, metadata={"help": "inputs in one request"})
     max_audio_seconds: float = field(default=120.0, metadata={"help": "longest audio input (longer: "
@@ -78,11 +79,13 @@ class ServerConfig:
     def validate(self) -> None:
         """Raise ValueError (one line) on inconsistent settings."""
         positive = ("max_batch_size", "max_batch_tokens", "max_batch_audio_seconds", "max_batch_pixels",
-                    "sort_window", "max_queue", "pad_tokens_multiple", "pad_audio_ms", "max_request_inputs",
+                    "sort_window", "max_queue", "max_request_inputs",
                     "max_audio_seconds", "stream_window", "max_message_mb")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.length_buckets < -1:
+            raise ValueError(f"--length-buckets must be >= -1, got {self.length_buckets}")
         nonneg = ("port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
                   "max_delay_ms", "max_concurrent_rpcs", "keepalive_time_s", "keepalive_timeout_s",
                   "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s")

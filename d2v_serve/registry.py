@@ -103,16 +103,16 @@ def model_files(directory: Path) -> list[Path]:
     return files
 
 
-def batch_policy(config: ServerConfig, modality: str, preprocessing: Preprocessing, max_tokens: int) -> BatchPolicy:
+def batch_policy(config: ServerConfig, modality: str, preprocessing: Preprocessing, max_tokens: int,
+                 on_cuda: bool) -> BatchPolicy:
+    buckets = config.length_buckets if config.length_buckets >= 0 else (8 if on_cuda else 0)
     common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
                   sort_window=config.sort_window, max_queue=config.max_queue)
     if modality == "text":
-        return BatchPolicy(budget=config.max_batch_tokens, pad_multiple=config.pad_tokens_multiple,
-                           max_length=max_tokens, **common)
+        return BatchPolicy(budget=config.max_batch_tokens, length_buckets=buckets, max_length=max_tokens, **common)
     if modality == "audio":
-        rate = preprocessing.sample_rate
-        return BatchPolicy(budget=int(config.max_batch_audio_seconds * rate),
-                           pad_multiple=max(1, config.pad_audio_ms * rate // 1000), **common)
+        budget = int(config.max_batch_audio_seconds * preprocessing.sample_rate)
+        return BatchPolicy(budget=budget, length_buckets=buckets, **common)
     return BatchPolicy(budget=config.max_batch_pixels, **common)
 
 
@@ -146,7 +146,7 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
         max_tokens = min(preprocessing.max_length, int(meta.get("max_positions") or preprocessing.max_length))
     elif modality == "audio":
         max_samples = int(config.max_audio_seconds * preprocessing.sample_rate)
-    policy = batch_policy(config, modality, preprocessing, max_tokens)
+    policy = batch_policy(config, modality, preprocessing, max_tokens, runner.on_cuda)
     return Model(path.stem, path, meta, preprocessing, runner, policy, max_tokens, max_samples)
 
 

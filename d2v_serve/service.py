@@ -131,7 +131,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                      ) -> pb.EmbedResponse:
         start = time.perf_counter()
         deadline = None if remaining is None else time.monotonic() + remaining
-        model_name = request.model or "-"
+        model_name = "-"  # metric label: a served model's name, never a client's arbitrary string
         try:
             model = self._model_for(request)
             model_name = model.name
@@ -139,7 +139,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         except ServeError as exc:
             metrics.REQUESTS.labels(method, exc.code.name).inc()
             metrics.ERRORS.labels(model_name, exc.code.name).inc()
-            log.info("request failed", extra={"method": method, "model": model_name, "code": exc.code.name,
+            log.info("request failed", extra={"method": method, "model": request.model, "code": exc.code.name,
                                               "reason": exc.message, "request_id": request.request_id})
             raise
         except asyncio.CancelledError:

@@ -63,9 +63,13 @@ def test_select_only_looks_within_the_sort_window() -> None:
 
 
 def test_padded_length_buckets_and_caps() -> None:
-    p = BatchPolicy(pad_multiple=8, max_length=64)
-    assert [p.padded(n) for n in (1, 8, 9, 60, 64)] == [8, 8, 16, 64, 64]
-    assert BatchPolicy(pad_multiple=1600).padded(16001) == 17600
+    assert [BatchPolicy().padded(n) for n in (1, 13, 999)] == [1, 13, 999]  # exact by default
+    p = BatchPolicy(length_buckets=8, max_length=140)
+    assert [p.padded(n) for n in (1, 12, 16, 17, 33, 130, 139)] == [1, 12, 16, 18, 36, 140, 140]
+    lengths = range(1, 100_000)
+    audio = BatchPolicy(length_buckets=8)
+    assert max(audio.padded(n) / n for n in lengths) <= 1 + 1 / 8
+    assert len({audio.padded(n) for n in lengths}) < 150  # shapes grow with log(length)
 
 
 def test_queue_bound_counts_reserved_inputs() -> None:
