@@ -68,7 +68,6 @@ class ItemResult:
     positions: int
     queue_s: float
     run_s: float
-    batch_size: int
 
 
 class Batcher:
@@ -306,8 +305,7 @@ class Batcher:
         for i, item in enumerate(batch):
             try:
                 hidden = outs[item.output][i][valid[i]]
-                result = ItemResult(item.finish(hidden), int(valid[i].sum()), start - item.enqueued, run_s,
-                                    len(batch))
+                result = ItemResult(item.finish(hidden), int(valid[i].sum()), start - item.enqueued, run_s)
             except ServeError as exc:
                 item.future.set_exception(exc)
             except Exception as exc:  # noqa: BLE001 - reported to this input's caller only

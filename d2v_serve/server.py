@@ -106,14 +106,18 @@ class Server:
         if cfg.metrics_port:
             metrics.serve_metrics(cfg.metrics_port)
         log.info("listening", extra={"port": self.port, "tls": creds is not None, "auth": bool(interceptors),
-                                     "metrics_port": cfg.metrics_port, "models": list(self.models)})
+                                     "models": list(self.models), "config": cfg.redacted()})
 
         for model in self.models.values():
             model.batcher = Batcher(model.name, model.modality, model.runner, model.policy, model.pad_id,
                                     on_death=self._on_worker_death)
-        ready = [asyncio.wrap_future(m.batcher.start(m.warmup_batches(cfg.max_batch_size) if cfg.warmup else []))
-                 for m in self.models.values()]
-        await asyncio.gather(*ready)
+        ready = {name: asyncio.wrap_future(m.batcher.start(m.warmup_batches(cfg.max_batch_size) if cfg.warmup else []))
+                 for name, m in self.models.items()}
+        for name, warmed in ready.items():
+            try:
+                await warmed
+            except Exception as exc:  # noqa: BLE001 - ORT errors derive from Exception only
+                raise RuntimeError(f"model {name} failed its warm-up: {' '.join(str(exc).split())[:300]}") from None
         for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
             await self.health.set(name, SERVING)
         log.info("serving", extra={"port": self.port, "startup_s": round(time.monotonic() - started, 3)})

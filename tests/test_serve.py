@@ -490,6 +490,20 @@ def asyncio_submit(srv: ServerThread, coro: object) -> concurrent.futures.Future
     return asyncio.run_coroutine_threadsafe(coro, srv.loop)
 
 
+def test_failed_warmup_stops_the_start_with_a_reason(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2v_serve.runtime import Runner
+
+    def broken(self: Runner, feeds: dict, outputs: list) -> dict:
+        raise Exception("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : kernel\nfailed")  # ORT's own base class
+
+    monkeypatch.setattr(Runner, "run", broken)
+    srv = ServerThread(text_only)
+    with pytest.raises(RuntimeError, match="model text failed its warm-up: .*RUNTIME_EXCEPTION") as info:
+        srv.__enter__()
+    assert "\n" not in str(info.value)
+    srv.stop()
+
+
 def test_metrics_endpoint(text_only: Path) -> None:
     port = _free_port()
     with ServerThread(text_only, metrics_port=port) as srv, Client(srv.target) as c:
