@@ -6,8 +6,9 @@
 For each workload (short text ~12 tokens, long text ~128 tokens, audio clips) it starts the real `d2v-serve` with
 just that model, drives it with --concurrency closed-loop clients (one input per call, each its own channel) for
 --duration seconds, then runs the same model file in-process with the same session settings on batches of the
-same inputs: at batch = concurrency and at the server's mean batch size. Server and runtime never run at once; the
-sides alternate for --rounds rounds and the best of each is reported (a shared machine only ever slows one down).
+same inputs: at batch = concurrency and at the server's mean batch size. The server's rate is taken between two
+batch completions (its /metrics), the runtime's over whole runs. Server and runtime never run at once; the sides
+alternate for --rounds rounds and the best of each is reported (a shared machine only ever slows one down).
 """
 
 from __future__ import annotations
@@ -114,12 +115,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metric(port: int, name: str, model: str) -> float:
+def _batches(port: int, name: str) -> tuple[float, float]:
+    """(batches run, items run) by the server's model `name`, from one scrape of /metrics."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
     for line in body.splitlines():
-        if line.startswith(f'{name}{{model="{model}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+        for key in ("count", "sum"):
+            if line.startswith(f'd2v_batch_size_{key}{{model="{name}"}}'):
+                values[key] = float(line.split()[-1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
 
 
 def measure_server(model_file: Path, inputs: list, concurrency: int, duration: float, min_items: int,
@@ -143,40 +147,44 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"d2v-serve did not come up: {' '.join(cmd)}")
                 time.sleep(0.2)
-            counts = [0] * concurrency
-            phase = {"measure": False, "stop": False}
+            stop = threading.Event()
 
             def client_loop(k: int) -> None:
                 with Client(target, timeout=600) as c:
                     i = k
-                    while not phase["stop"]:
+                    while not stop.is_set():
                         c.embed(inputs[i % len(inputs)], name)
-                        if phase["measure"]:
-                            counts[k] += 1
                         i += concurrency
 
             threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(concurrency)]
             for t in threads:
                 t.start()
             time.sleep(min(5.0, duration / 3))  # ramp up
-            b0, s0 = _metric(metrics_port, "d2v_batch_size_count", name), _metric(
-                metrics_port, "d2v_batch_size_sum", name)
-            phase["measure"] = True
-            start = time.monotonic()
-            while time.monotonic() - start < duration or sum(counts) < min_items:
-                time.sleep(0.05)
-            phase["measure"] = False
-            elapsed = time.monotonic() - start
-            done = sum(counts)
-            b1, s1 = _metric(metrics_port, "d2v_batch_size_count", name), _metric(
-                metrics_port, "d2v_batch_size_sum", name)
-            phase["stop"] = True
+            # The window runs from the end of one batch to the end of another (seen in the server's batch
+            # counters): whole batches only, so the rate has no quantization bias even with few, slow batches.
+            t0, c0, s0 = _batch_edge(metrics_port, name)
+            time.sleep(max(0.0, duration - 0.5))
+            while True:
+                t1, c1, s1 = _batch_edge(metrics_port, name)
+                if t1 - t0 >= duration and s1 - s0 >= min_items:
+                    break
+            stop.set()
             for t in threads:
                 t.join(600)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    return {"items_per_s": done / elapsed, "mean_batch": (s1 - s0) / max(1.0, b1 - b0), "calls": done}
+    return {"items_per_s": (s1 - s0) / (t1 - t0), "mean_batch": (s1 - s0) / (c1 - c0)}
+
+
+def _batch_edge(port: int, name: str, poll_s: float = 0.02) -> tuple[float, float, float]:
+    """Wait for the next completed batch: (time, batches so far, items so far)."""
+    count, _ = _batches(port, name)
+    while True:
+        time.sleep(poll_s)
+        now, (new, items) = time.monotonic(), _batches(port, name)
+        if new != count:
+            return now, new, items
 
 
 # ---- raw ONNX Runtime ---------------------------------------------------------------------------------------
