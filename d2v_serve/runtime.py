@@ -104,18 +104,20 @@ def create_session(path: str, settings: RuntimeSettings, prefer_cpu: bool = Fals
 class Runner:
     """Runs one session; fetches only the outputs asked for. Not thread-safe by design: one run at a time."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, io_binding: bool | None = None) -> None:
+        """`io_binding`: bind inputs and outputs explicitly (default: on CUDA only)."""
         self.session = session
         self.provider = session.get_providers()[0]
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.io_binding = self.on_cuda if io_binding is None else io_binding
 
     @property
     def on_cuda(self) -> bool:
         return self.provider == CUDA
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        if not self.on_cuda:
+        if not self.io_binding:
             return dict(zip(outputs, self.session.run(list(outputs), feeds), strict=True))
         binding = self.session.io_binding()
         for name, value in feeds.items():

@@ -123,6 +123,24 @@ def test_read_metadata_rejects_bad_files(tmp_path: Path) -> None:
         assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
+    """The CUDA path (IOBinding, only the asked-for outputs copied back) checked on CPU."""
+    import onnxruntime as ort
+
+    from d2v_serve.preprocess import collate
+    from d2v_serve.runtime import Runner
+
+    model = make_tiny_model("text", tmp_path)
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    feeds = collate("text", [model.preprocessing.prepare(t) for t in ("hello world", "a longer sentence here")])
+    outputs = ["target_hidden_state", "output_mask"]
+    plain = Runner(session).run(feeds, outputs)
+    bound = Runner(session, io_binding=True).run(feeds, outputs)
+    assert list(bound) == outputs
+    for name in outputs:
+        np.testing.assert_array_equal(bound[name], plain[name])
+
+
 # ---- configuration ------------------------------------------------------------------------------------------
 
 
