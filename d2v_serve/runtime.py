@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -44,6 +45,11 @@ def gpu_memory_bytes(device_id: int = 0) -> int:
         return int(float(out.split()[0]) * 2**20)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return 0
+
+
+@functools.cache
+def _note_cpu_fallback() -> None:
+    log.info("CUDA provider installed but not active; running on CPU (--device cuda shows why)")
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -92,8 +98,7 @@ def create_session(path: str, settings: RuntimeSettings, prefer_cpu: bool = Fals
         if settings.device == "cuda":
             raise RuntimeError(f"{path}: CUDA was requested but is not active (see the onnxruntime errors above: "
                                "driver, GPU or CUDA/cuDNN libraries)")
-        log.info("CUDA provider installed but not active; running on CPU (--device cuda shows why)",
-                 extra={"model_file": path})
+        _note_cpu_fallback()
         return session  # already a CPU session with the same options
     elif settings.device == "cuda":
         raise RuntimeError(f"CUDA was requested but this onnxruntime has no CUDA provider "
