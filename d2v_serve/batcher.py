@@ -2,7 +2,7 @@
 
 The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
 inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
-order (within a window of queued inputs) while the padded cost (inputs x longest, rounded up to the pad multiple)
+order (within a window of queued inputs) while the padded cost (inputs x longest, rounded up to its length bucket)
 stays within the budget. Only an idle session waits, at most `max_delay_s` after the oldest input arrived, for a
 fuller batch. Per-input results (slicing, pooling, packing) are finished on a second thread, overlapping the next run.
 """
