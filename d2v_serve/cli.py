@@ -55,7 +55,7 @@ def _embed_parser() -> argparse.ArgumentParser:
                    help="last layer, or the data2vec target space")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of failing")
-    p.add_argument("-o", "--output", help="out.npy (stacked), out.npz (one array per input) or out.json; "
+    p.add_argument("-o", "--output", help="out.npy (stacked: inputs first), out.npz (one array per input) or out.json; "
                                           "default: JSON on stdout")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per request message")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
@@ -96,7 +96,7 @@ def _write(arrays: list[np.ndarray], names: list[str], output: str | None) -> No
     if output and output.endswith(".npy"):
         if len({a.shape for a in arrays}) != 1:
             raise ValueError("outputs differ in shape (pooling none?): write .npz or .json instead")
-        np.save(output, np.stack(arrays) if len(arrays) > 1 else arrays[0])
+        np.save(output, np.stack(arrays))  # always (inputs, ...), even for one input
     elif output and output.endswith(".npz"):
         np.savez(output, **{f"input_{i}": a for i, a in enumerate(arrays)})
     else:

@@ -23,7 +23,7 @@ SENTENCES = ROOT / "demo" / "sentences.txt"
 OUT_DIR = ROOT / "d2v_serve" / "demo_models"
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-x-rp+m3"]
 SPEEDS = [140, 175]
-STEPS = {"audio": 600, "image": 600, "text": 600}
+STEPS = {"audio": 300, "image": 400, "text": 600}
 
 
 def sentences() -> list[str]:

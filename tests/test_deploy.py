@@ -23,6 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import grpc
+import numpy as np
 import kubernetes_validate
 import pytest
 import tomllib
@@ -272,6 +273,8 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
     for pkg in packages:
         assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
     assert "d2v_serve/probe.py" in names
+    demo = sorted(n for n in names if n.startswith("d2v_serve/demo_models/"))
+    assert demo == [f"d2v_serve/demo_models/demo-{m}.onnx" for m in ("audio", "image", "text")]
 
 
 def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]) -> None:
@@ -289,6 +292,36 @@ def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     assert "--models" in _run([str(venv / "bin/d2v-serve"), "--help"], timeout=120).stdout
     assert "--target" in _run([str(venv / "bin/d2v-probe"), "--help"], timeout=60).stdout
+
+
+def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[Path, Path]) -> None:
+    import socket
+    import time
+
+    from d2v_serve.client import Client, EmbedError
+
+    venv, _ = serving_venv
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(venv / "bin/d2v-serve"), "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    vector = client.embed("a sentence for the installed demo model", "demo-text")
+                    break
+                except EmbedError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "d2v-serve did not come up"
+                    time.sleep(0.2)
+            assert vector.shape == (64,) and np.isfinite(vector).all()
+            assert sorted(m["name"] for m in client.list_models()) == ["demo-audio", "demo-image", "demo-text"]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
 
 
 def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> None:

@@ -566,6 +566,8 @@ def test_d2v_embed_cli(server: ServerThread, client: Client, tmp_path: Path, cap
     assert embed_main([*map(str, wavs), "--server", server.target, "--model", "audio", "-o", str(out)]) == 0
     expected = client.embed([w.read_bytes() for w in wavs], "audio")
     np.testing.assert_allclose(np.load(out), np.stack(expected), atol=1e-6)
+    assert embed_main([str(wavs[0]), "--server", server.target, "--model", "audio", "-o", str(out)]) == 0
+    assert np.load(out).shape == (1, HIDDEN)  # one input still has the inputs axis
 
     png = tmp_path / "pic.png"
     png.write_bytes(encode_image(picture(40, 40), "PNG"))
