@@ -23,14 +23,18 @@ from dataclasses import fields
 from pathlib import Path
 
 import grpc
-import numpy as np
 import kubernetes_validate
+import numpy as np
 import pytest
-import tomllib
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from d2v_serve.config import ServerConfig, env_name
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

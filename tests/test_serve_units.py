@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ from d2v_serve.config import ServerConfig, parse_config
 from d2v_serve.model_file import ModelFileError, read_metadata
 from d2v_serve.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,3 +207,16 @@ def test_regenerating_stubs_gives_the_committed_files(tmp_path: Path) -> None:
                            if p.is_file() and "__pycache__" not in p.parts)
     for rel in files:
         assert (out / rel).read_bytes() == (committed / rel).read_bytes(), f"{rel} differs: run scripts/gen_protos"
+
+
+def test_dependency_floors_cover_the_generated_stubs() -> None:
+    """The stubs refuse to import under an older grpcio/protobuf, so pyproject must not allow one."""
+    stubs = REPO / "d2v_serve" / "_proto" / "d2v" / "v1"
+    grpc_needs = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", (stubs / "embedder_pb2_grpc.py").read_text())
+    pb_needs = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", (stubs / "embedder_pb2.py").read_text())
+    assert grpc_needs and pb_needs
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", d).groups() for d in deps if d.startswith(("grpcio", "protobuf")))
+    for package in ("grpcio", "grpcio-health-checking", "grpcio-reflection"):
+        assert floors[package] == grpc_needs.group(1), package
+    assert floors["protobuf"] == ".".join(pb_needs.groups())
