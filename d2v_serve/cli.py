@@ -92,6 +92,19 @@ def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
     return items, names
 
 
+def _groups(items: list[object], by_modality: bool) -> list[list[int]]:
+    """Indices of the inputs to send together: all of them, or one list per modality (in first-seen order)."""
+    from .client import Audio, Image
+
+    if not by_modality:
+        return [list(range(len(items)))]
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        modality = "audio" if isinstance(item, Audio) else "image" if isinstance(item, Image) else "text"
+        groups.setdefault(modality, []).append(i)
+    return list(groups.values())
+
+
 def _write(arrays: list[np.ndarray], names: list[str], output: str | None) -> None:
     if output and output.endswith(".npy"):
         if len({a.shape for a in arrays}) != 1:
@@ -125,10 +138,21 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(models, indent=2))
                 return 0
             items, names = _collect_inputs(args)
-            arrays = list(client.embed_stream(
-                items, args.model, batch_size=args.batch_size, timeout=args.timeout, pooling=args.pooling,
-                normalize=args.normalize, representation=args.representation, dtype=args.dtype,
-                truncate=args.truncate))
+            arrays: list[np.ndarray] = [np.empty(0)] * len(items)
+            # Without --model, each modality goes to the server's model for it, so audio and images can be mixed.
+            for indices in _groups(items, by_modality=not args.model):
+                try:
+                    vectors = client.embed_stream(
+                        [items[i] for i in indices], args.model, batch_size=args.batch_size, timeout=args.timeout,
+                        pooling=args.pooling, normalize=args.normalize, representation=args.representation,
+                        dtype=args.dtype, truncate=args.truncate)
+                    for i, vector in zip(indices, vectors, strict=True):
+                        arrays[i] = vector
+                except EmbedError as exc:
+                    if not 0 <= exc.input_index < len(indices):
+                        raise
+                    index = indices[exc.input_index]
+                    raise EmbedError(exc.code, f"input {index}: {exc.message.partition(': ')[2]}", index) from None
         _write(arrays, names, args.output)
     except EmbedError as exc:
         where = f" ({names[exc.input_index]})" if 0 <= exc.input_index < len(names) else ""

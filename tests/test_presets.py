@@ -53,3 +53,5 @@ def test_preset_equals_published_architecture(modality, size):
 def test_target_layers_follow_an_overridden_depth():
     assert EncoderConfig.preset("audio", "tiny", num_layers=12).target_layers == 8
     assert EncoderConfig.preset("text", "tiny", num_layers=2, target_layers=1).target_layers == 1
+    assert EncoderConfig.preset("text", "base").target_layers == 10  # the paper's K of the published model
+    assert EncoderConfig.preset("text", "base", num_layers=6).target_layers == 5  # in proportion, never > depth

@@ -575,6 +575,18 @@ def test_d2v_embed_cli(server: ServerThread, client: Client, tmp_path: Path, cap
     assert embed_main([str(png), "--server", server.target, "--pooling", "none", "-o", str(npz)]) == 0
     assert np.load(npz)["input_0"].shape == (IMAGE_POSITIONS, HIDDEN)
 
+    mixed = tmp_path / "mixed.npz"  # no --model: each modality goes to its model, the order is kept
+    assert embed_main([str(wavs[0]), str(png), str(wavs[1]), "--server", server.target, "-o", str(mixed)]) == 0
+    got = np.load(mixed)
+    np.testing.assert_allclose(got["input_1"], client.embed(png.read_bytes(), "image"), atol=1e-6)
+    np.testing.assert_allclose(np.stack([got["input_0"], got["input_2"]]), np.stack(expected), atol=1e-6)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF1234WAVEjunk")
+    capsys.readouterr()
+    assert embed_main([str(png), str(wavs[0]), str(bad), "--server", server.target]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("d2v-embed: INVALID_ARGUMENT: input 2: cannot decode audio") and str(bad) in err
+
     capsys.readouterr()
     assert embed_main(["--text", "hello world", "zebras", "--server", server.target, "--model", "text",
                        "--normalize", "--representation", "target"]) == 0

@@ -75,7 +75,9 @@ def decode_audio(data: bytes | str | Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
-        raise PreprocessError(f"cannot decode audio: {one_line(exc)}") from None
+        # libsndfile's own reason, without soundfile's "Error opening <BytesIO at 0x...>" prefix
+        reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else one_line(exc)
+        raise PreprocessError(f"cannot decode audio: {one_line(reason)}") from None
     if samples.shape[0] == 0:
         raise PreprocessError("audio has no samples")
     mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1, dtype=np.float32)

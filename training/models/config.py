@@ -145,6 +145,6 @@ SIZE_MODALITY: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _scaled_top_k(k_of_12: int, num_layers: int, preset: str) -> int:
-    if preset in ("base", "large"):  # published models keep the paper's K
-        return k_of_12
+    if preset in ("base", "large"):  # the published models' K, in proportion when the depth is overridden
+        return max(1, round(k_of_12 * num_layers / SIZES[preset]["num_layers"]))
     return max(1, round(k_of_12 * num_layers / 12))
