@@ -88,6 +88,9 @@ def _audio(model: Model, waveform: np.ndarray, rate: int, truncate: bool) -> Pre
                                f"{model.max_samples / model.sample_rate:.1f} s")
         waveform = waveform[:limit]
     value = model.preprocessing.prepare(waveform, rate)
+    if len(value) < model.min_samples:
+        raise PreprocessError(f"audio is {len(value)} samples at {model.sample_rate} Hz, model {model.name} needs "
+                              f"at least {model.min_samples} ({1000 * model.min_samples / model.sample_rate:.0f} ms)")
     return Prepared(value, truncated=truncated, audio_seconds=len(value) / model.sample_rate)
 
 

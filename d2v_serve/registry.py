@@ -14,7 +14,7 @@ import numpy as np
 from .batcher import Batcher, BatchPolicy
 from .config import ServerConfig
 from .model_file import ModelFileError, read_metadata
-from .preprocess import Preprocessing, preprocessing_from_dict
+from .preprocess import Preprocessing, min_audio_samples, preprocessing_from_dict
 from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ class Model:
     @property
     def sample_rate(self) -> int:
         return int(getattr(self.preprocessing, "sample_rate", 0))
+
+    @property
+    def min_samples(self) -> int:
+        """Audio: the fewest samples (at the model's rate) that give one output frame."""
+        return min_audio_samples(self.meta["conv_layers"]) if self.modality == "audio" else 0
 
     @property
     def image_size(self) -> int:

@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
 from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from d2v_serve.client import Client, EmbedError, Pcm
-from d2v_serve.preprocess import collate, decode_audio, decode_image
+from d2v_serve.preprocess import collate, decode_audio, decode_image, min_audio_samples
 from tests.serve_fixtures import (
     ServerThread,
     TinyModel,
@@ -301,6 +301,14 @@ def test_invalid_argument_names_the_bad_input(client: Client) -> None:
     assert err.code == Code.INVALID_ARGUMENT
     err = rpc_error(client.embed_request, pb.EmbedRequest(inputs=[pb.Input(text="which text model?")]))
     assert err.code == Code.INVALID_ARGUMENT and "several text models" in err.message
+
+
+def test_audio_shorter_than_one_frame_is_invalid(server: ServerThread, client: Client) -> None:
+    shortest = server.server.models["audio"].min_samples
+    assert shortest == min_audio_samples(server.server.models["audio"].meta["conv_layers"]) > 1
+    err = rpc_error(client.embed, [Pcm(tone(1.0), 16000), Pcm(tone(1.0)[: shortest - 1], 16000)], "audio")
+    assert err.code == Code.INVALID_ARGUMENT and err.input_index == 1 and f"at least {shortest}" in err.message
+    assert client.embed(Pcm(tone(1.0)[:shortest], 16000), "audio", pooling="none").shape == (1, HIDDEN)
 
 
 def test_too_long_fails_unless_truncated(client: Client) -> None:

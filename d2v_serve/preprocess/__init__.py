@@ -1,6 +1,13 @@
 """Torch-free preprocessing shared by training and serving: decode, resample/resize, tokenize, normalise, collate."""
 
-from .audio import AudioPreprocessing, audio_frames, decode_audio, normalize_waveform, pcm_to_waveform
+from .audio import (
+    AudioPreprocessing,
+    audio_frames,
+    decode_audio,
+    min_audio_samples,
+    normalize_waveform,
+    pcm_to_waveform,
+)
 from .batch import MODALITIES, Preprocessing, collate, preprocessing_from_dict
 from .errors import InputTooLong, PreprocessError
 from .image import ImagePreprocessing, decode_image
@@ -15,6 +22,7 @@ __all__ = [
     "Preprocessing",
     "TextPreprocessing",
     "audio_frames",
+    "min_audio_samples",
     "collate",
     "decode_audio",
     "decode_image",

@@ -109,3 +109,11 @@ def audio_frames(num_samples: int | np.ndarray, conv_layers: Sequence[Sequence[i
         n = np.maximum((n - kernel) // stride + 1, 0)
     return int(n) if n.ndim == 0 else n
 
+
+def min_audio_samples(conv_layers: Sequence[Sequence[int]]) -> int:
+    """The shortest input that gives one output frame: the conv feature encoder's receptive field."""
+    samples = 1
+    for _dim, kernel, stride in reversed(conv_layers):
+        samples = (samples - 1) * stride + kernel
+    return samples
+
