@@ -9,6 +9,7 @@ with pillow, and documents assembled from the same sentences. Training is seeded
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import shutil
 import subprocess
@@ -81,9 +82,9 @@ def make_images(directory: Path, count: int = 2000, size: int = 96, seed: int = 
     return out
 
 
-def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+def run(cmd: list[str], cwd: Path) -> None:
+    print(f"+ (cd {cwd} &&", " ".join(cmd) + ")", flush=True)
+    subprocess.run(cmd, check=True, cwd=cwd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,19 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     bin_dir = Path(sys.executable).parent
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
+    work, out = args.work.resolve(), args.out.resolve()
     makers = {"audio": make_audio, "image": make_images, "text": make_text}
     for modality in args.modalities:
         t0 = time.perf_counter()
-        data = makers[modality](args.work / "corpus")
-        run_dir = args.work / f"train-{modality}"
+        data = makers[modality](work / "corpus")
+        run_dir = work / f"train-{modality}"
         shutil.rmtree(run_dir, ignore_errors=True)
         steps = args.steps or STEPS[modality]
-        run([str(bin_dir / "d2v-train"), "--modality", modality, "--data", str(data), "--preset", "tiny",
-             "--steps", str(steps), "--out", str(run_dir), "--seed", "0", "--no-progress"])
-        args.out.mkdir(parents=True, exist_ok=True)
-        run([str(bin_dir / "d2v-export"), str(run_dir / "ckpt.pt"), "-o", str(args.out / f"demo-{modality}.onnx")])
-        print(f"{modality}: corpus + {steps} steps + export in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"demo models rebuilt in {time.perf_counter() - started:.0f} s -> {args.out}")
+        # relative paths: the checkpoint records them, and it should not depend on where the work folder is
+        run([str(bin_dir / "d2v-train"), "--modality", modality, "--data", str(data.relative_to(work)),
+             "--preset", "tiny", "--steps", str(steps), "--out", run_dir.name, "--seed", "0", "--no-progress"], work)
+        out.mkdir(parents=True, exist_ok=True)
+        onnx = out / f"demo-{modality}.onnx"
+        run([str(bin_dir / "d2v-export"), str(run_dir / "ckpt.pt"), "-o", str(onnx)], work)
+        digest = hashlib.sha256(onnx.read_bytes()).hexdigest()
+        print(f"{modality}: corpus + {steps} steps + export in {time.perf_counter() - t0:.0f} s; "
+              f"{onnx.name} sha256 {digest}", flush=True)
+    print(f"demo models rebuilt in {time.perf_counter() - started:.0f} s -> {out}")
     return 0
 
 

@@ -3,6 +3,7 @@ pillow-drawn shapes, and sentences; tiny models cut further with --set so the wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -153,6 +154,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     for key in ("teacher", "head"):
         assert all(torch.equal(ca["training"][key][k], cb["training"][key][k]) for k in ca["training"][key])
+
+
+def test_the_same_run_gives_a_byte_identical_checkpoint(tmp_path, data, monkeypatch):
+    """Same seed, data and arguments (relative --out, as scripts/build_demo_models.py runs it): same bytes."""
+    digests = []
+    for where in ("first", "second"):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        assert main(args_for("text", data, Path("run"), 6, "--seed", "3")) == 0
+        digests.append(hashlib.sha256(Path("run/ckpt.pt").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, data):

@@ -344,7 +344,9 @@ class Trainer:
             "data": {"micro_step": self.step * cfg["accum"], "world_size": d.world_size, "seed": cfg["seed"],
                      "batch_size": cfg["batch_size"]},
             "world_size": d.world_size,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            # wall-clock figures stay in metrics.jsonl, so that the same run gives a byte-identical checkpoint
+            "metrics": {k: v for k, v in metrics.items()
+                        if isinstance(v, int | float) and k not in ("elapsed_s", "samples_per_s")},
             "config": cfg,
         }
         return make_checkpoint(self.enc_cfg, self.objective.student.state_dict(), self.preprocessing, training)
