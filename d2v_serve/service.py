@@ -49,7 +49,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return False
 
     @contextlib.contextmanager
