@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._proto.d2v.v1 import embedder_pb2 as pb
 from .errors import failed_precondition, invalid_argument
 from .preprocess import InputTooLong, PreprocessError, decode_audio, decode_image, pcm_to_waveform
 from .registry import Model
+from .request import Input, Pcm
 
 KIND_MODALITY = {"audio": "audio", "pcm": "audio", "image": "image", "text": "text"}
-_PCM_DTYPES = {pb.Pcm.ENCODING_FLOAT32: "float32", pb.Pcm.ENCODING_INT16: "int16"}
+_PCM_DTYPES = ("float32", "int16")
 
 
 @dataclass
@@ -24,31 +24,30 @@ class Prepared:
     audio_seconds: float = 0.0
 
 
-def input_modality(inp: pb.Input) -> str:
-    kind = inp.WhichOneof("kind")
-    if kind is None:
+def input_modality(inp: Input) -> str:
+    if inp.kind not in KIND_MODALITY:
         raise invalid_argument("empty input (set one of audio, pcm, image, text)")
-    return KIND_MODALITY[kind]
+    return KIND_MODALITY[inp.kind]
 
 
-def check_modality(model: Model, inp: pb.Input) -> None:
+def check_modality(model: Model, inp: Input) -> None:
     modality = input_modality(inp)
     if modality != model.modality:
         raise failed_precondition(f"model {model.name} takes {model.modality}, got {modality}")
 
 
-def prepare(model: Model, inp: pb.Input, truncate: bool) -> Prepared:
+def prepare(model: Model, inp: Input, truncate: bool) -> Prepared:
     """Decode and preprocess one input as the model file says. Raises ServeError (INVALID_ARGUMENT)."""
-    kind = inp.WhichOneof("kind")
+    kind = inp.kind
     try:
         if kind == "text":
-            return _text(model, inp.text, truncate)
+            return _text(model, inp.value, truncate)
         if kind == "image":
-            return Prepared(model.preprocessing.prepare(decode_image(_image_bytes(inp.image))))
+            return Prepared(model.preprocessing.prepare(decode_image(_image_bytes(inp.value))))
         if kind == "audio":
-            waveform, rate = decode_audio(inp.audio)
+            waveform, rate = decode_audio(inp.value)
         else:
-            waveform, rate = _pcm(inp.pcm)
+            waveform, rate = _pcm(inp.value)
         return _audio(model, waveform, rate, truncate)
     except InputTooLong as exc:
         raise invalid_argument(f"{exc} (set options.truncate to cut it)") from None
@@ -71,12 +70,12 @@ def _text(model: Model, text: str, truncate: bool) -> Prepared:
     return Prepared(ids, truncated=truncated)
 
 
-def _pcm(pcm: pb.Pcm) -> tuple[np.ndarray, int]:
+def _pcm(pcm: Pcm) -> tuple[np.ndarray, int]:
     if pcm.encoding not in _PCM_DTYPES:
-        raise PreprocessError("pcm.encoding must be ENCODING_FLOAT32 or ENCODING_INT16")
+        raise PreprocessError("pcm encoding must be float32 (ENCODING_FLOAT32) or int16 (ENCODING_INT16)")
     if pcm.sample_rate <= 0:
-        raise PreprocessError("pcm.sample_rate is required")
-    return pcm_to_waveform(pcm.data, _PCM_DTYPES[pcm.encoding], channels=pcm.channels or 1), int(pcm.sample_rate)
+        raise PreprocessError("pcm sample_rate is required")
+    return pcm_to_waveform(pcm.data, pcm.encoding, channels=pcm.channels or 1), int(pcm.sample_rate)
 
 
 def _audio(model: Model, waveform: np.ndarray, rate: int, truncate: bool) -> Prepared:

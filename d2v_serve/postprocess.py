@@ -6,15 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._proto.d2v.v1 import embedder_pb2 as pb
 from .errors import failed_precondition, invalid_argument
 from .registry import REPRESENTATIONS, Model
-from .tensors import to_tensor
+from .request import EmbedOptions
 
-POOLINGS = {pb.POOLING_UNSPECIFIED: "mean", pb.POOLING_MEAN: "mean", pb.POOLING_NONE: "none", pb.POOLING_CLS: "cls"}
-_REPRESENTATIONS = {pb.REPRESENTATION_UNSPECIFIED: "last", pb.REPRESENTATION_LAST_LAYER: "last",
-                    pb.REPRESENTATION_TARGET: "target"}
-_DTYPES = {pb.DTYPE_UNSPECIFIED: np.float32, pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_FLOAT16: np.float16}
+POOLINGS = ("mean", "none", "cls")
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
 @dataclass(frozen=True)
@@ -22,11 +19,11 @@ class OutputOptions:
     output: str = REPRESENTATIONS["last"]  # graph output name
     pooling: str = "mean"  # none | mean | cls
     normalize: bool = False
-    dtype: type = np.float32
+    dtype: np.dtype = DTYPES["float32"]
 
-    def __call__(self, hidden: np.ndarray) -> pb.Tensor:
-        """[positions, hidden] -> the packed [hidden] (mean, cls) or [positions, hidden] (none)."""
-        return to_tensor(self.apply(hidden))
+    def __call__(self, hidden: np.ndarray) -> np.ndarray:
+        """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none), little-endian C order."""
+        return np.ascontiguousarray(self.apply(hidden))
 
     def apply(self, hidden: np.ndarray) -> np.ndarray:
         h = np.asarray(hidden, dtype=np.float32)
@@ -40,16 +37,16 @@ class OutputOptions:
         return h.astype(self.dtype)
 
 
-def output_options(model: Model, options: pb.EmbedOptions) -> OutputOptions:
+def output_options(model: Model, options: EmbedOptions) -> OutputOptions:
     """Validate a request's options against the model; raises ServeError."""
     if options.pooling not in POOLINGS:
-        raise invalid_argument(f"unknown pooling {options.pooling}")
-    if options.representation not in _REPRESENTATIONS:
-        raise invalid_argument(f"unknown representation {options.representation}")
-    if options.dtype not in _DTYPES:
-        raise invalid_argument(f"unknown dtype {options.dtype}")
-    representation = _REPRESENTATIONS[options.representation]
-    if representation not in model.outputs:
-        raise failed_precondition(f"model {model.name} has no {representation} representation")
-    return OutputOptions(model.outputs[representation], POOLINGS[options.pooling], options.normalize,
-                         _DTYPES[options.dtype])
+        raise invalid_argument(f"unknown pooling {options.pooling} (one of {', '.join(POOLINGS)})")
+    if options.representation not in REPRESENTATIONS:
+        raise invalid_argument(f"unknown representation {options.representation} "
+                               f"(one of {', '.join(REPRESENTATIONS)})")
+    if options.dtype not in DTYPES:
+        raise invalid_argument(f"unknown dtype {options.dtype} (one of {', '.join(DTYPES)})")
+    if options.representation not in model.outputs:
+        raise failed_precondition(f"model {model.name} has no {options.representation} representation")
+    return OutputOptions(model.outputs[options.representation], options.pooling, options.normalize,
+                         DTYPES[options.dtype])

@@ -19,6 +19,7 @@ from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
 from .batcher import Batcher
 from .config import ServerConfig
+from .core import EmbeddingCore
 from .registry import Model, load_models
 from .runtime import cpu_cores
 from .service import EmbedderService
@@ -70,8 +71,8 @@ class Server:
         self.models: dict[str, Model] = {}
         self.port = 0
         self.health = health.aio.HealthServicer()
+        self.core: EmbeddingCore | None = None
         self._server: grpc.aio.Server | None = None
-        self._service: EmbedderService | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -84,14 +85,14 @@ class Server:
         self.models = await asyncio.to_thread(load_models, self.models_dir, cfg)
         workers = cfg.preprocess_workers or min(8, cpu_cores())
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="d2v-pre")
-        self._service = EmbedderService(self.models, self._pool, cfg)
+        self.core = EmbeddingCore(self.models, self._pool, cfg)
         for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
             await self.health.set(name, NOT_SERVING)
 
         interceptors = [BearerTokenInterceptor(token)] if (token := cfg.bearer_token()) else []
         server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors,
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None)
-        pb_grpc.add_EmbedderServicer_to_server(self._service, server)
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -141,9 +142,9 @@ class Server:
         deadline = time.monotonic() + grace
         log.info("draining", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
-        if self._service is not None:
-            self._service.begin_drain()
-            if not await self._service.wait_idle(grace):
+        if self.core is not None:
+            self.core.begin_drain()
+            if not await self.core.wait_idle(grace):
                 log.warning("grace period over; cancelling calls still in flight")
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))

@@ -396,7 +396,7 @@ def test_bad_item_at_runtime_does_not_fail_its_batch(text_only: Path) -> None:
 def test_unavailable_while_draining(text_only: Path) -> None:
     with ServerThread(text_only) as srv, Client(srv.target) as c:
         assert c.embed("before", "text").shape == (HIDDEN,)
-        srv.server._service.begin_drain()
+        srv.server.core.begin_drain()
         err = rpc_error(c.embed, "after", "text")
         assert err.code == Code.UNAVAILABLE and "shutting down" in err.message
 

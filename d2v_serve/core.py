@@ -1,0 +1,292 @@
+"""The transport-free embedding core: model lookup, limits, preprocessing on the pool, batching, per-item results.
+
+Each transport (the gRPC servicer in `service.py`, the HTTP routes) translates its wire request into a
+`request.EmbedRequest`, calls `EmbeddingCore.embed`, and packs the `EmbedResult` (numpy arrays and plain numbers)
+into its own response. A failure is one `ServeError(code, message, input_index)`; the codes are the canonical gRPC
+status codes, which each transport maps to its own statuses. The core also owns the drain: once `begin_drain` is
+called every transport's new calls fail with UNAVAILABLE while the admitted ones finish (`wait_idle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from . import metrics
+from .batcher import Batcher, Item, ItemResult
+from .config import ServerConfig
+from .errors import ServeError, internal, invalid_argument, not_found, unavailable
+from .inputs import Prepared, check_modality, input_modality, prepare
+from .postprocess import output_options
+from .registry import REPRESENTATIONS, Model
+from .request import EmbedRequest, Input
+
+log = logging.getLogger(__name__)
+
+_RETRY_S = (0.002, 0.05)  # a waiting caller (a stream) polls for queue room between these bounds
+
+
+@dataclass(slots=True)
+class Embedding:
+    value: np.ndarray  # [hidden] pooled, or [positions, hidden]; float32 or float16, little-endian, C order
+    positions: int  # valid output positions of the input
+    truncated: bool  # the input was cut to fit (only with options.truncate)
+
+
+@dataclass(slots=True)
+class Usage:
+    inputs: int
+    positions: int
+    tokens: int = 0  # text
+    audio_frames: int = 0
+    audio_seconds: float = 0.0
+    images: int = 0
+
+
+@dataclass(slots=True)
+class Timings:
+    """Wall-clock spans of one call on the server, in milliseconds."""
+
+    preprocess_ms: float
+    queue_ms: float  # longest wait of an input between admission and the start of its batch
+    inference_ms: float  # longest model run among the batches that carried the call's inputs
+    total_ms: float
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    model: str
+    embeddings: list[Embedding]  # one per input, in input order
+    usage: Usage
+    timings: Timings
+    request_id: str
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    name: str
+    modality: str  # audio | image | text
+    hidden_size: int
+    num_layers: int
+    precision: str  # fp32 | fp16 | int8
+    representations: list[str]  # of REPRESENTATIONS' keys: last, target
+    execution_provider: str
+    ready: bool
+    file: str
+    metadata_json: str  # the model file's d2v metadata without the tokenizer text
+    max_tokens: int = 0  # text
+    max_audio_seconds: float = 0.0  # audio
+    sample_rate: int = 0  # audio
+    image_size: int = 0  # image
+
+
+class EmbeddingCore:
+    def __init__(self, models: dict[str, Model], pool: Executor, config: ServerConfig) -> None:
+        self.models = models
+        self.pool = pool
+        self.config = config
+        self.draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new work with UNAVAILABLE; calls already admitted finish."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+            return False
+
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count a transport call as in flight (the drain waits for it)."""
+        self._inflight += 1
+        self._idle.clear()
+        metrics.INFLIGHT.inc()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            metrics.INFLIGHT.dec()
+            if self._inflight == 0:
+                self._idle.set()
+
+    # ---- models ---------------------------------------------------------------------------------------------
+
+    def named_model(self, name: str) -> Model:
+        if name not in self.models:
+            raise not_found(f"unknown model {name!r} (models: {', '.join(self.models)})")
+        return self.models[name]
+
+    def model_for(self, request: EmbedRequest) -> Model:
+        """The named model, or the one model serving the first input's modality."""
+        if request.model:
+            return self.named_model(request.model)
+        if not request.inputs:
+            raise invalid_argument("request has no inputs")
+        try:
+            modality = input_modality(request.inputs[0])
+        except ServeError as exc:
+            raise exc.for_input(0) from None
+        candidates = [m.name for m in self.models.values() if m.modality == modality]
+        if len(candidates) == 1:
+            return self.models[candidates[0]]
+        if not candidates:
+            raise not_found(f"no {modality} model is served (models: {', '.join(self.models)})")
+        raise invalid_argument(f"several {modality} models are served ({', '.join(candidates)}): name one in "
+                               "`model`")
+
+    # ---- the work -------------------------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest, timeout: float | None, *, wait: bool, method: str
+                    ) -> EmbedResult:
+        """Embed every input of `request` with one model. `timeout`: seconds left to the caller (None: no
+        deadline); `wait`: wait for queue room instead of failing with RESOURCE_EXHAUSTED; `method`: the metric
+        label of the calling endpoint. Raises ServeError."""
+        start = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        model_name = "-"  # metric label: a served model's name, never a client's arbitrary string
+        try:
+            model = self.model_for(request)
+            model_name = model.name
+            result = await self._embed_with(model, request, deadline, wait, start)
+        except ServeError as exc:
+            metrics.REQUESTS.labels(method, exc.code.name).inc()
+            metrics.ERRORS.labels(model_name, exc.code.name).inc()
+            log.info("request failed", extra={"method": method, "model": request.model, "code": exc.code.name,
+                                              "reason": exc.message, "request_id": request.request_id})
+            raise
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(method, "CANCELLED").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must reach the client as INTERNAL, not a hang
+            log.exception("request crashed", extra={"method": method, "model": model_name})
+            metrics.REQUESTS.labels(method, "INTERNAL").inc()
+            metrics.ERRORS.labels(model_name, "INTERNAL").inc()
+            raise internal(f"{type(exc).__name__}: {exc}") from exc
+        metrics.REQUESTS.labels(method, "OK").inc()
+        metrics.INPUTS.labels(model.name).inc(len(request.inputs))
+        metrics.STAGE_SECONDS.labels(model.name, "total").observe(time.perf_counter() - start)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request", extra={"method": method, "model": model.name, "inputs": len(request.inputs),
+                                        "total_ms": result.timings.total_ms, "request_id": request.request_id})
+        return result
+
+    async def _embed_with(self, model: Model, request: EmbedRequest, deadline: float | None, wait: bool,
+                          start: float) -> EmbedResult:
+        if self.draining:
+            raise unavailable("server is shutting down; retry on another replica")
+        options = output_options(model, request.options)
+        n = len(request.inputs)
+        if n == 0:
+            raise invalid_argument("request has no inputs")
+        if n > self.config.max_request_inputs:
+            raise invalid_argument(f"request has {n} inputs, the limit is {self.config.max_request_inputs} "
+                                   "(split it, or use EmbedStream)")
+        for i, inp in enumerate(request.inputs):
+            try:
+                check_modality(model, inp)
+            except ServeError as exc:
+                raise exc.for_input(i) from None
+        batcher = model.batcher
+        if batcher is None or batcher.state == "warming":
+            raise unavailable(f"model {model.name} is warming up")
+        await self._reserve(batcher, n, wait)
+        items: list[Item] = []
+        try:
+            prepared = await self._prepare_all(model, request.inputs, request.options.truncate)
+            preprocess_s = time.perf_counter() - start
+            metrics.STAGE_SECONDS.labels(model.name, "preprocess").observe(preprocess_s)
+            items = [Item(p.value, model.cost(p.value), options.output, options, deadline) for p in prepared]
+            batcher.submit(items)
+        except BaseException:
+            if not items:
+                batcher.release(n)
+            raise
+        results = await _gather_items(items)
+        return _result(model, request, prepared, results, preprocess_s, time.perf_counter() - start)
+
+    async def _reserve(self, batcher: Batcher, n: int, wait: bool) -> None:
+        delay = _RETRY_S[0]
+        while True:
+            try:
+                batcher.reserve(n)
+                return
+            except ServeError as exc:
+                if not wait or exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _RETRY_S[1])
+
+    async def _prepare_all(self, model: Model, inputs: Sequence[Input], truncate: bool) -> list[Prepared]:
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate) for inp in inputs]
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        for i, result in enumerate(done):
+            if isinstance(result, ServeError):
+                raise result.for_input(i)
+            if isinstance(result, BaseException):
+                log.error("preprocessing crashed", extra={"model": model.name, "input": i}, exc_info=result)
+                raise internal(f"input {i}: preprocessing failed: {type(result).__name__}: {result}")
+        return done
+
+
+async def _gather_items(items: list[Item]) -> list[ItemResult]:
+    """All item results; on the first failure the rest are cancelled (dropped at dequeue if still queued)."""
+    futures = [asyncio.wrap_future(it.future) for it in items]
+    try:
+        return await asyncio.gather(*futures)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+def _result(model: Model, request: EmbedRequest, prepared: list[Prepared], results: list[ItemResult],
+            preprocess_s: float, total_s: float) -> EmbedResult:
+    positions = [r.positions for r in results]
+    usage = Usage(inputs=len(results), positions=sum(positions))
+    if model.modality == "text":
+        usage.tokens = sum(len(p.value) for p in prepared)
+    elif model.modality == "audio":
+        usage.audio_frames = sum(positions)
+        usage.audio_seconds = sum(p.audio_seconds for p in prepared)
+    else:
+        usage.images = len(results)
+    timings = Timings(preprocess_ms=1000 * preprocess_s, queue_ms=1000 * max(r.queue_s for r in results),
+                      inference_ms=1000 * max(r.run_s for r in results), total_ms=1000 * total_s)
+    embeddings = [Embedding(r.value, r.positions, p.truncated) for r, p in zip(results, prepared, strict=True)]
+    return EmbedResult(model.name, embeddings, usage, timings, request.request_id)
+
+
+def model_info(model: Model) -> ModelInfo:
+    meta = model.meta
+    info = ModelInfo(
+        name=model.name, modality=model.modality, hidden_size=int(meta["hidden_size"]),
+        num_layers=int(meta.get("num_layers", 0)), precision=str(meta["precision"]),
+        representations=[k for k in REPRESENTATIONS if k in model.outputs], execution_provider=model.runner.provider,
+        ready=model.ready, file=model.path.name, metadata_json=model.public_metadata,
+    )
+    if model.modality == "text":
+        info.max_tokens = model.max_tokens
+    elif model.modality == "audio":
+        info.max_audio_seconds = model.max_samples / model.sample_rate
+        info.sample_rate = model.sample_rate
+    else:
+        info.image_size = model.image_size
+    return info
