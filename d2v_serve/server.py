@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from . import metrics
 from ._proto.d2v.v1 import embedder_pb2 as pb
@@ -20,6 +19,7 @@ from .auth import BearerTokenInterceptor
 from .batcher import Batcher
 from .config import ServerConfig
 from .core import EmbeddingCore
+from .reflection import enable_reflection
 from .registry import Model, load_models
 from .runtime import cpu_cores
 from .service import EmbedderService
@@ -94,9 +94,7 @@ class Server:
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None)
         pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server)
+        enable_reflection([SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
         address = f"{cfg.host}:{cfg.port}"
         creds = server_credentials(cfg)
         self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)

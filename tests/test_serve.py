@@ -20,11 +20,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
 from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
+from d2v_serve._proto.grpc.reflection.v1 import reflection_pb2 as v1_pb2
+from d2v_serve._proto.grpc.reflection.v1 import reflection_pb2_grpc as v1_pb2_grpc
 from d2v_serve.client import Client, EmbedError, Pcm
 from d2v_serve.preprocess import collate, decode_audio, decode_image, min_audio_samples
 from tests.serve_fixtures import (
@@ -430,7 +433,58 @@ def _reflected_services(target: str) -> list[str]:
 
 def test_reflection_lists_the_service(server: ServerThread) -> None:
     services = _reflected_services(server.target)
-    assert {"d2v.v1.Embedder", "grpc.health.v1.Health"} <= set(services)
+    assert {"d2v.v1.Embedder", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
+
+
+def _reflect_v1(channel: grpc.Channel,
+                *requests: v1_pb2.ServerReflectionRequest) -> list[v1_pb2.ServerReflectionResponse]:
+    return list(v1_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter(requests), timeout=10))
+
+
+def test_reflection_v1_alone_builds_a_working_request(server: ServerThread) -> None:
+    """As grpcurl does: list over v1, fetch the descriptors over v1, build the request from them (no d2v stubs)."""
+    with grpc.insecure_channel(server.target) as channel:
+        listed, files = _reflect_v1(channel, v1_pb2.ServerReflectionRequest(list_services=""),
+                                    v1_pb2.ServerReflectionRequest(file_containing_symbol="d2v.v1.Embedder"))
+        assert {s.name for s in listed.list_services_response.service} >= {
+            "d2v.v1.Embedder", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+        pool = descriptor_pool.DescriptorPool()
+        pending = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                   for b in files.file_descriptor_response.file_descriptor_proto]
+        while pending:  # dependencies first
+            ready = [f for f in pending if all(_in_pool(pool, d) for d in f.dependency)]
+            assert ready, f"unresolvable imports: {[f.name for f in pending]}"
+            for f in ready:
+                pool.Add(f)
+                pending.remove(f)
+        method = pool.FindServiceByName("d2v.v1.Embedder").methods_by_name["Embed"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        request = request_class(model="text")
+        request.inputs.add().text = "reflected"
+        embed = channel.unary_unary(f"/{method.containing_service.full_name}/{method.name}",
+                                    request_serializer=request_class.SerializeToString,
+                                    response_deserializer=response_class.FromString)
+        response = embed(request, timeout=30)
+        tensor = response.embeddings[0].tensor
+        assert list(tensor.shape) == [HIDDEN] and len(tensor.data) == 4 * HIDDEN
+
+        # the v1 service describes itself, and errors come back as v1 error responses
+        own, missing = _reflect_v1(
+            channel, v1_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            v1_pb2.ServerReflectionRequest(file_containing_symbol="d2v.v1.NoSuchThing"))
+        own_file = descriptor_pb2.FileDescriptorProto.FromString(own.file_descriptor_response.file_descriptor_proto[0])
+        assert own_file.package == "grpc.reflection.v1"
+        assert missing.error_response.error_code == Code.NOT_FOUND.value[0]
+
+
+def _in_pool(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _health(target: str, service: str = "") -> str:
