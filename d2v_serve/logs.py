@@ -33,3 +33,4 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("d2v_serve").setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn from libraries: records too, not raw lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+
+from . import ort_log
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,16 @@ def gpu_memory_bytes(device_id: int = 0) -> int:
 
 
 @functools.cache
-def _note_cpu_fallback() -> None:
-    log.info("CUDA provider installed but not active; running on CPU (--device cuda shows why)")
+def _warn_cpu_fallback(reason: str) -> None:
+    log.warning("CUDA is not usable; running on the CPU", extra={"reason": reason})
+
+
+def _why_not_cuda(lines: list[ort_log.OrtLine]) -> str:
+    """ORT's first complaint, without its source-location prefix."""
+    if not lines:
+        return "onnxruntime gave no reason"
+    worst = max(lines, key=lambda line: line.level)
+    return re.sub(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", worst.message)[:400]
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -61,7 +72,7 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     so.enable_mem_pattern = False  # shapes change from batch to batch
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # see ort_log: run failures come back as exceptions, not log lines
     return so
 
 
@@ -84,26 +95,27 @@ def create_session(path: str, settings: RuntimeSettings, prefer_cpu: bool = Fals
     """
     so = session_options(settings.intra_op_threads)
     want_cuda = settings.device == "cuda" or (settings.device == "auto" and not prefer_cpu)
+    lines: list[ort_log.OrtLine] = []
     if want_cuda and CUDA in ort.get_available_providers():
-        # onnxruntime-gpu lists CUDA even without a GPU or its libraries; the session then falls back to CPU
-        # after logging errors. In auto mode those are expected: keep them quiet and say it once ourselves.
-        if settings.device == "auto":
-            ort.set_default_logger_severity(4)
-        try:
+        # onnxruntime-gpu lists CUDA even without a GPU or its libraries; the session then falls back to CPU after
+        # logging why. In auto mode that is expected: ORT's lines go to DEBUG, and one warning carries the reason.
+        with ort_log.captured(lines):
             session = ort.InferenceSession(path, so, providers=[(CUDA, cuda_options(settings)), CPU])
-        finally:
-            ort.set_default_logger_severity(2)
-        if session.get_providers()[0] == CUDA:
+        fell_back = session.get_providers()[0] != CUDA
+        ort_log.emit(lines, expected=fell_back and settings.device == "auto")
+        if not fell_back:
             return session
         if settings.device == "cuda":
-            raise RuntimeError(f"{path}: CUDA was requested but is not active (see the onnxruntime errors above: "
-                               "driver, GPU or CUDA/cuDNN libraries)")
-        _note_cpu_fallback()
+            raise RuntimeError(f"{path}: CUDA was requested but is not active: {_why_not_cuda(lines)}")
+        _warn_cpu_fallback(_why_not_cuda(lines))
         return session  # already a CPU session with the same options
     elif settings.device == "cuda":
         raise RuntimeError(f"CUDA was requested but this onnxruntime has no CUDA provider "
                            f"({', '.join(ort.get_available_providers())})")
-    return ort.InferenceSession(path, so, providers=[CPU])
+    with ort_log.captured(lines):
+        session = ort.InferenceSession(path, so, providers=[CPU])
+    ort_log.emit(lines)
+    return session
 
 
 class Runner:

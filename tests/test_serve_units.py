@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import subprocess
 import sys
@@ -145,6 +147,63 @@ def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
     assert list(bound) == outputs
     for name in outputs:
         np.testing.assert_array_equal(bound[name], plain[name])
+
+
+def test_ort_log_lines_are_parsed() -> None:
+    from d2v_serve.ort_log import parse
+
+    text = ("\x1b[1;31m2026-12-01 21:21:39.774 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+            "Failed to load library x.so with error: libcublasLt.so.13: cannot open shared object file\n\x1b[m\n"
+            "\x1b[0;93m2026-12-01 21:21:39.775 [W:onnxruntime:Default, pybind_state.cc:1295 Create] Failed to create "
+            "CUDAExecutionProvider.\nsecond line\x1b[m\n"
+            '{"level": "info", "msg": "another thread"}\n')
+    lines, others = parse(text)
+    assert [(line.level, line.source) for line in lines] == [
+        (logging.ERROR, "provider_bridge_ort.cc:2458 operator()"), (logging.WARNING, "pybind_state.cc:1295 Create")]
+    assert lines[0].message.endswith("libcublasLt.so.13: cannot open shared object file")
+    assert lines[1].message == "Failed to create CUDAExecutionProvider. second line"
+    assert others == ['{"level": "info", "msg": "another thread"}']
+
+
+_SESSION_SCRIPT = """
+import sys
+from d2v_serve.logs import setup_logging
+from d2v_serve.runtime import RuntimeSettings, create_session
+setup_logging("debug" if sys.argv[2] == "auto" else "info", "json")
+try:
+    print(create_session(sys.argv[1], RuntimeSettings(device=sys.argv[2])).get_providers()[0])
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+"""
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
+def test_sessions_log_only_json_and_say_why_cuda_is_not_used(device: str) -> None:
+    """CUDA hidden (CUDA_VISIBLE_DEVICES=""), so onnxruntime-gpu fails to start its CUDA provider on any machine:
+    `auto` warns once with ORT's reason and runs on the CPU, `cuda` fails naming the reason; every stderr line is
+    one of our JSON records (ORT's own lines included)."""
+    import onnxruntime as ort
+
+    model = REPO / "d2v_serve" / "demo_models" / "demo-text.onnx"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", _SESSION_SCRIPT, str(model), device], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stderr.splitlines()]  # raises on any line that is not JSON
+    warnings = [e for e in records if e["level"] == "warning" and e["logger"] == "d2v_serve.runtime"]
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cpu" or not has_cuda:
+        assert warnings == [] and (r.stdout.strip() == "CPUExecutionProvider" or device == "cuda")
+        return
+    if device == "auto":
+        assert r.stdout.strip() == "CPUExecutionProvider"
+        assert [w["msg"] for w in warnings] == ["CUDA is not usable; running on the CPU"]
+        assert len(warnings[0]["reason"]) > 10 and "[ONNXRuntimeError]" not in warnings[0]["reason"]
+        ort_lines = [e for e in records if e["logger"] == "d2v_serve.onnxruntime"]
+        assert ort_lines and all(e["level"] == "debug" for e in ort_lines), "expected in auto mode: DEBUG"
+    else:
+        assert r.stdout.startswith("RuntimeError:") and "CUDA was requested but is not active: " in r.stdout
+        assert any(e["logger"] == "d2v_serve.onnxruntime" and e["level"] == "error" for e in records)
 
 
 # ---- configuration ------------------------------------------------------------------------------------------
