@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import add_version
+
 DEMO_MODELS = Path(__file__).resolve().parent / "demo_models"
 
 
@@ -63,12 +65,13 @@ def _embed_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca)")
     p.add_argument("--ca", help="PEM root certificates for TLS")
     p.add_argument("--list-models", action="store_true", help="print the served models as JSON and exit")
+    add_version(p)
     return p
 
 
 def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
-    """The inputs to send and a display name for each."""
-    from .client import Audio, Image, sniff
+    """The inputs to send and a display name for each (the file path as given, the text, or stdin:N)."""
+    from .client import Audio, Image, file_modality
 
     items: list[object] = []
     names: list[str] = []
@@ -85,11 +88,33 @@ def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
             if not path.is_file():
                 raise ValueError(f"no such file: {arg} (use --text to embed strings)")
             data = path.read_bytes()
-            items.append(Audio(data) if sniff(data) == "audio" else Image(data))
+            try:
+                modality = file_modality(path, data)
+            except ValueError:
+                raise ValueError(f"input {len(items)}: not an audio or image file (unknown suffix and header) "
+                                 f"({arg})") from None
+            items.append(Audio(data) if modality == "audio" else Image(data))
             names.append(arg)
     if not items:
         raise ValueError("nothing to embed: give files, or strings with --text, or '-' for stdin lines")
     return items, names
+
+
+def npz_keys(items: list[object], names: list[str]) -> list[str]:
+    """One .npz key per input: a file's path as given, text_0, text_1, ... for texts; a repeated path gets #2, #3."""
+    keys: list[str] = []
+    texts = 0
+    for item, name in zip(items, names, strict=True):
+        if isinstance(item, str):
+            key, texts = f"text_{texts}", texts + 1
+        else:
+            key = name
+            repeat = 1
+            while key in keys:
+                repeat += 1
+                key = f"{name}#{repeat}"
+        keys.append(key)
+    return keys
 
 
 def _groups(items: list[object], by_modality: bool) -> list[list[int]]:
@@ -105,13 +130,13 @@ def _groups(items: list[object], by_modality: bool) -> list[list[int]]:
     return list(groups.values())
 
 
-def _write(arrays: list[np.ndarray], names: list[str], output: str | None) -> None:
+def _write(arrays: list[np.ndarray], items: list[object], names: list[str], output: str | None) -> None:
     if output and output.endswith(".npy"):
         if len({a.shape for a in arrays}) != 1:
             raise ValueError("outputs differ in shape (pooling none?): write .npz or .json instead")
         np.save(output, np.stack(arrays))  # always (inputs, ...), even for one input
     elif output and output.endswith(".npz"):
-        np.savez(output, **{f"input_{i}": a for i, a in enumerate(arrays)})
+        np.savez(output, **dict(zip(npz_keys(items, names), arrays, strict=True)))
     else:
         doc = [{"input": n, "shape": list(a.shape), "embedding": a.astype(np.float32).tolist()}
                for n, a in zip(names, arrays, strict=True)]
@@ -153,7 +178,7 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
                         raise
                     index = indices[exc.input_index]
                     raise EmbedError(exc.code, f"input {index}: {exc.message.partition(': ')[2]}", index) from None
-        _write(arrays, names, args.output)
+        _write(arrays, items, names, args.output)
     except EmbedError as exc:
         where = f" ({names[exc.input_index]})" if 0 <= exc.input_index < len(names) else ""
         print(f"d2v-embed: {exc}{where}", file=sys.stderr)

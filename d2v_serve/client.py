@@ -77,6 +77,19 @@ def sniff(data: bytes) -> str:
     raise ValueError("cannot tell whether these bytes are audio or an image: wrap them in Audio(...) or Image(...)")
 
 
+def file_modality(path: Path, data: bytes) -> str:
+    """'audio' or 'image' from a file's suffix, else from its first bytes; ValueError when neither says."""
+    suffix = path.suffix.lower()
+    if suffix in _AUDIO_SUFFIXES:
+        return "audio"
+    if suffix in _IMAGE_SUFFIXES:
+        return "image"
+    try:
+        return sniff(data)
+    except ValueError:
+        raise ValueError(f"{path}: not an audio or image file (unknown suffix and header)") from None
+
+
 def to_input(x: InputLike) -> pb.Input:
     """One client-side input as the proto Input."""
     if isinstance(x, str):
@@ -94,12 +107,8 @@ def to_input(x: InputLike) -> pb.Input:
         channels = 1 if samples.ndim == 1 else samples.shape[1]
         return pb.Input(pcm=pb.Pcm(data=data, encoding=encoding, sample_rate=int(x.sample_rate), channels=channels))
     if isinstance(x, os.PathLike):
-        suffix = Path(x).suffix.lower()
-        if suffix in _AUDIO_SUFFIXES:
-            return pb.Input(audio=_read(x))
-        if suffix in _IMAGE_SUFFIXES:
-            return pb.Input(image=_read(x))
-        x = _read(x)
+        data = _read(x)
+        return pb.Input(audio=data) if file_modality(Path(x), data) == "audio" else pb.Input(image=data)
     if isinstance(x, bytes):
         return pb.Input(audio=x) if sniff(x) == "audio" else pb.Input(image=x)
     raise TypeError(f"cannot embed a {type(x).__name__}: use str, bytes, a path, Audio, Image or Pcm")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .console import add_version
+
 ENV_PREFIX = "D2V_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -171,4 +173,5 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     """ServerConfig from flags and D2V_* variables (argparse exits with usage on a bad flag)."""
     parser = argparse.ArgumentParser(prog="d2v-serve", description="Serve d2v ONNX models over gRPC.")
     add_arguments(parser, env)
+    add_version(parser)
     return config_from_args(parser.parse_args(argv))

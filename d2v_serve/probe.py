@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .console import add_version
+
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENV = "D2V_PROBE_TARGET"
 
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     tls.add_argument("--client-cert", type=Path, help="PEM client certificate, for mTLS")
     tls.add_argument("--client-key", type=Path, help="PEM client key, for mTLS")
     tls.add_argument("--server-name", help="name to verify the server certificate against (default: target host)")
+    add_version(p)
     return p
 
 

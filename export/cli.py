@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from d2v_serve.console import add_version
 from training.checkpoint import CheckpointError
 
 from .graph import OPSET, ExportError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="JSON", help="also write the full export report to this file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--tolerance", type=float, default=None, help=argparse.SUPPRESS)
+    add_version(parser)
     return parser
 
 

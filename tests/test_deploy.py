@@ -277,6 +277,7 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
     for pkg in packages:
         assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
     assert "d2v_serve/probe.py" in names
+    assert f"d2v-{PYPROJECT['project']['version']}.dist-info/licenses/LICENSE" in names
     demo = sorted(n for n in names if n.startswith("d2v_serve/demo_models/"))
     assert demo == [f"d2v_serve/demo_models/demo-{m}.onnx" for m in ("audio", "image", "text")]
 
@@ -296,6 +297,54 @@ def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     assert "--models" in _run([str(venv / "bin/d2v-serve"), "--help"], timeout=120).stdout
     assert "--target" in _run([str(venv / "bin/d2v-probe"), "--help"], timeout=60).stdout
+
+
+NEEDS_EXTRA = {"d2v-train": ("training", "train"), "d2v-import-hf": ("training", "train"),
+               "d2v-export": ("export", "export")}
+
+
+@pytest.mark.parametrize("script", sorted(PYPROJECT["project"]["scripts"]))
+def test_serving_install_console_scripts_answer_in_one_line(serving_venv: tuple[Path, Path], script: str) -> None:
+    """Without torch, the scripts that need an extra name it (exit 2); the others work. All know --version."""
+    venv, _ = serving_venv
+    for flag in ("--version", "--help"):
+        r = subprocess.run([str(venv / "bin" / script), flag], capture_output=True, text=True, timeout=120)
+        if script in NEEDS_EXTRA:
+            name, extra = NEEDS_EXTRA[script]
+            assert (r.returncode, r.stdout) == (2, ""), r.stderr
+            assert r.stderr == f"{script} needs the {name} extra: pip install 'd2v[{extra}]'\n"
+        else:
+            assert r.returncode == 0, r.stderr
+            if flag == "--version":
+                assert r.stdout == f"{script} {PYPROJECT['project']['version']}\n"
+
+
+def test_extra_modules_match_the_extras() -> None:
+    """d2v_serve.console.EXTRA_MODULES (what a missing-extra message is keyed on) follows pyproject's extras."""
+    from importlib.metadata import packages_distributions
+
+    from d2v_serve.console import EXTRA_MODULES
+
+    providers = packages_distributions()
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for extra, modules in EXTRA_MODULES.items():
+        dists = {re.split(r"[<>=!~;\[ ]", req)[0].lower() for req in extras[extra]}
+        by_module = {m: {d.lower().replace("_", "-") for d in providers.get(m, [])} for m in modules}
+        assert all(by_module.values()), f"{extra}: modules no distribution installs: {by_module}"
+        assert all(d & dists for d in by_module.values()), f"{extra}: {by_module} vs {dists}"
+        assert dists <= set().union(*by_module.values()), f"{extra}: a distribution with no module listed"
+
+
+def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import PackageNotFoundError
+
+    from d2v_serve import console
+
+    def missing(name: str) -> str:
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(console, "version", missing)
+    assert console.package_version() == "unknown (not installed)"
 
 
 def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[Path, Path]) -> None:

@@ -635,13 +635,30 @@ def test_d2v_embed_cli(server: ServerThread, client: Client, tmp_path: Path, cap
     png.write_bytes(encode_image(picture(40, 40), "PNG"))
     npz = tmp_path / "pic.npz"
     assert embed_main([str(png), "--server", server.target, "--pooling", "none", "-o", str(npz)]) == 0
-    assert np.load(npz)["input_0"].shape == (IMAGE_POSITIONS, HIDDEN)
+    assert np.load(npz)[str(png)].shape == (IMAGE_POSITIONS, HIDDEN)  # keys: the paths as given
 
     mixed = tmp_path / "mixed.npz"  # no --model: each modality goes to its model, the order is kept
     assert embed_main([str(wavs[0]), str(png), str(wavs[1]), "--server", server.target, "-o", str(mixed)]) == 0
     got = np.load(mixed)
-    np.testing.assert_allclose(got["input_1"], client.embed(png.read_bytes(), "image"), atol=1e-6)
-    np.testing.assert_allclose(np.stack([got["input_0"], got["input_2"]]), np.stack(expected), atol=1e-6)
+    np.testing.assert_allclose(got[str(png)], client.embed(png.read_bytes(), "image"), atol=1e-6)
+    np.testing.assert_allclose(np.stack([got[str(w)] for w in wavs]), np.stack(expected), atol=1e-6)
+    assert embed_main([str(wavs[0]), str(wavs[0]), "--server", server.target, "-o", str(mixed)]) == 0
+    assert sorted(np.load(mixed).files) == sorted([str(wavs[0]), f"{wavs[0]}#2"])
+    assert embed_main(["--text", "one", "two", "--server", server.target, "--model", "text", "-o", str(mixed)]) == 0
+    assert sorted(np.load(mixed).files) == ["text_0", "text_1"]
+
+    junk = tmp_path / "junk.wav"  # no header at all: sent as audio by its suffix; the server names what failed
+    junk.write_bytes(b"\x00junk" * 50)
+    capsys.readouterr()
+    assert embed_main([str(junk), "--server", server.target]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("d2v-embed: INVALID_ARGUMENT: input 0: cannot decode audio") and err.count("\n") == 1
+    assert err.rstrip().endswith(f"({junk})")
+    unknown = tmp_path / "notes.bin"
+    unknown.write_bytes(b"\x00junk" * 50)
+    assert embed_main([str(png), str(unknown), "--server", server.target]) == 1
+    err = capsys.readouterr().err
+    assert err == f"d2v-embed: input 1: not an audio or image file (unknown suffix and header) ({unknown})\n"
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF1234WAVEjunk")
     capsys.readouterr()

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from d2v_serve.console import add_version
 from d2v_serve.preprocess import PreprocessError
 
 from . import distributed
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
                    help="override any config key, e.g. --set masking.mask_prob=0.5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_version(p)
     return p
 
 

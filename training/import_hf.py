@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from d2v_serve.console import add_version
+
 from .checkpoint import CheckpointError, load_encoder, make_checkpoint, save_checkpoint
 from .hf_keys import DERIVED_SUFFIXES, HEAD_PREFIXES, MODEL_PREFIXES, OPTIONAL, map_key
 from .models import EncoderConfig, build_encoder
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hf_dir", help="directory with config.json, model.safetensors or pytorch_model.bin, "
                         "tokenizer files (text) and preprocessor_config.json (when present)")
     parser.add_argument("-o", "--output", required=True, help="checkpoint path to write (.pt)")
+    add_version(parser)
     args = parser.parse_args(argv)
     try:
         ckpt, dropped = import_hf(args.hf_dir)
