@@ -403,6 +403,31 @@ def test_check_cuda_rejects_another_cuda_major(serving_venv: tuple[Path, Path]) 
     assert r.returncode == 1 and f"the image has CUDA {other}" in r.stderr
 
 
+# ------------------------------------------------------------------------------------------------- scripts/serve
+
+
+def test_venv_install_is_skipped_while_pyproject_is_unchanged(tmp_path: Path) -> None:
+    """scripts/serve and scripts/test reinstall only when pyproject.toml changed (a stamp of its hash per spec)."""
+    calls = tmp_path / "calls"
+    python = tmp_path / ".venv/bin/python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+
+    def ensure(spec: str) -> list[str]:
+        calls.unlink(missing_ok=True)
+        _run(["bash", "-c", f"source {REPO}/scripts/bootstrap.sh && ensure_venv '{spec}'"], cwd=tmp_path, timeout=30)
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    assert ensure(".") == ["-m pip install -q --upgrade pip", "-m pip install -q -e ."]
+    assert ensure(".") == []  # current: no pip at all
+    assert ensure(".[test]")[-1] == "-m pip install -q -e .[test]"  # another spec has its own stamp
+    assert ensure(".") == []
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
+    assert ensure(".")[-1] == "-m pip install -q -e ."
+
+
 # ------------------------------------------------------------------------------------------------------ entrypoint
 
 
