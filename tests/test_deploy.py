@@ -597,9 +597,55 @@ def test_hpa() -> None:
     assert '"d2v_queue_depth"' in (REPO / "d2v_serve/metrics.py").read_text()
 
 
-def test_readme_cpu_patch_paths_still_point_at_the_right_fields() -> None:
+def test_kustomization_image_placeholder_fails_loudly() -> None:
+    kust = _docs("kustomization.yaml")[0]
+    (image,) = kust["images"]
+    assert image["name"] == _container()["image"].split(":")[0], "the manifest names it; kustomization.yaml sets it"
+    assert image["newName"].split("/")[0].endswith(".invalid"), "a registry that can never resolve (RFC 2606)"
+    assert image["newTag"] == PYPROJECT["project"]["version"]
     readme = (K8S / "README.md").read_text()
-    c = _container()
-    index = int(re.search(r"/containers/0/env/(\d+)/value {2}# D2V_DEVICE", readme).group(1))  # type: ignore[union-attr]
-    assert c["env"][index]["name"] == "D2V_DEVICE"
-    assert "nvidia.com~1gpu" in readme and "nvidia.com/gpu" in c["resources"]["limits"]
+    assert "kustomize edit set image d2v-serve=" in readme and image["newName"].split("/")[0] in readme
+
+
+def test_pod_disruption_budget() -> None:
+    pdb = _one("PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"] == _one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1 < _one("HorizontalPodAutoscaler")["spec"]["minReplicas"]
+
+
+def _strategic_merge(base: object, patch: object) -> object:
+    """Kubernetes' strategic merge for what our patches use: maps merge, `null` deletes, lists of named items
+    (containers, env) merge by name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = _strategic_merge(base[key], value) if key in base else value
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i
+                                                                     for i in base + patch):
+        merged = {item["name"]: item for item in base}
+        for item in patch:
+            merged[item["name"]] = _strategic_merge(merged.get(item["name"], {}), item)
+        return list(merged.values())
+    return patch
+
+
+def test_readme_cpu_patch_applies_by_name() -> None:
+    readme = (K8S / "README.md").read_text()
+    block = re.search(r"```yaml\n(patches:.*?)```", readme, flags=re.DOTALL)
+    assert block, "the README's CPU patch"
+    (entry,) = yaml.safe_load(block.group(1))["patches"]
+    patch = yaml.safe_load(entry["patch"])
+    deployment = _one("Deployment")
+    assert (patch["kind"], patch["metadata"]["name"]) == ("Deployment", deployment["metadata"]["name"])
+    patched = _strategic_merge(deployment, patch)
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(patched, version, strict=True)
+    c = patched["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]
+    before = {e["name"]: e.get("value") for e in _container()["env"]}
+    assert {e["name"]: e.get("value") for e in c["env"]} == {**before, "D2V_DEVICE": "cpu"}
+    assert "nvidia.com/gpu" not in c["resources"]["limits"] and c["resources"]["limits"]["memory"]
