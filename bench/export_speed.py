@@ -10,58 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engines import batch_inputs, median_seconds  # noqa: E402
+from bench.models import write_checkpoint  # noqa: E402
 from export import export_model  # noqa: E402
 from export.graph import graph_module  # noqa: E402
-from training.checkpoint import load_checkpoint, load_encoder, make_checkpoint, save_checkpoint  # noqa: E402
-from training.models import EncoderConfig, build_encoder  # noqa: E402
-from training.models.init import init_weights  # noqa: E402
-
-
-def _checkpoint(modality: str, preset: str, directory: Path) -> Path:
-    from tests.factories import tiny_preprocessing
-
-    cfg = EncoderConfig.preset(modality, preset)
-    pre = tiny_preprocessing(cfg)  # a small tokenizer is enough: the bench feeds random ids
-    if modality == "text":
-        pre["max_length"] = cfg.max_positions - cfg.pad_id - 1
-    torch.manual_seed(0)
-    encoder = init_weights(build_encoder(cfg))
-    return save_checkpoint(directory / f"{modality}-{preset}.pt", make_checkpoint(cfg, encoder.state_dict(), pre))
-
-
-def _inputs(cfg: EncoderConfig, batch: int, length: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    if cfg.modality == "image":
-        return {"pixel_values": rng.standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)}
-    lengths = np.linspace(length // 2, length, batch).astype(int)  # a mixed-length padded batch
-    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
-    if cfg.modality == "audio":
-        values = (rng.standard_normal((batch, length)) * mask).astype(np.float32)
-        return {"input_values": values, "attention_mask": mask}
-    ids = np.where(mask == 1, rng.integers(3, cfg.vocab_size, (batch, length)), cfg.pad_id).astype(np.int64)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from training.checkpoint import load_checkpoint, load_encoder  # noqa: E402
+from training.models import EncoderConfig  # noqa: E402
 
 
 def main() -> None:
@@ -75,10 +38,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="d2v-bench-") as tmp:
-        ckpt_path = _checkpoint(args.modality, args.preset, Path(tmp))
+        ckpt_path = write_checkpoint(args.modality, args.preset, Path(tmp))
         ckpt = load_checkpoint(ckpt_path)
         module = graph_module(load_encoder(ckpt), EncoderConfig.from_dict(ckpt["config"]))
-        inputs = _inputs(module.cfg, args.batch, args.length)
+        inputs = batch_inputs(module.cfg, args.batch, args.length)
         results = {}
         for precision in ("fp32", "int8"):
             report = export_model(ckpt_path, Path(tmp) / f"{precision}.onnx", int8=precision == "int8",
@@ -86,7 +49,7 @@ def main() -> None:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = args.threads
             sess = ort.InferenceSession(report["path"], opts, providers=["CPUExecutionProvider"])
-            seconds = _time(lambda s=sess: s.run(None, inputs), args.repeat)
+            seconds = median_seconds(lambda s=sess: s.run(None, inputs), args.repeat)
             parity = report["parity"][precision]
             results[precision] = {
                 "export_s": report["export_seconds"], "size_mb": round(report["size_bytes"] / 1e6, 2),
@@ -95,7 +58,7 @@ def main() -> None:
             }
         with torch.no_grad():
             tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
-            results["torch_eager"] = {"latency_s": round(_time(lambda: module(**tensors), args.repeat), 4)}
+            results["torch_eager"] = {"latency_s": round(median_seconds(lambda: module(**tensors), args.repeat), 4)}
     fp32 = results["fp32"]["latency_s"]
     results["int8_speedup_vs_fp32"] = round(fp32 / results["int8"]["latency_s"], 2)
     results["ort_fp32_speedup_vs_torch"] = round(results["torch_eager"]["latency_s"] / fp32, 2)

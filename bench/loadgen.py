@@ -1,0 +1,257 @@
+"""The bench's load generator: a bounded, closed-loop async client, run as its own process.
+
+    python -m bench.loadgen --grpc 127.0.0.1:50051 --model text --model-file runs/bench-models/base/text.onnx \
+        --workload text-12 --concurrency 32 --duration 10 [--metrics http://127.0.0.1:9090/metrics]
+    python -m bench.loadgen --http http://127.0.0.1:7997/embeddings --model text ...   # OpenAI /embeddings
+
+`--concurrency` workers each keep one call in flight (one input per call, every input distinct: a pool made up
+front, varied on reuse) until `--duration` seconds past the `--warmup`; it stops by itself (time and call bounds).
+Prints one JSON object: the rate counted between batch edges (bench/stats.py), latency percentiles of the calls
+started after the warm-up, errors, and, with `--metrics`, the server's batch sizes and padding over the same span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.stats import edge_rate, percentiles  # noqa: E402
+from bench.workloads import WORKLOADS, Workload, variant  # noqa: E402
+
+Send = Callable[[Any], Awaitable[None]]
+
+
+@dataclass
+class LoadResult:
+    workload: str
+    transport: str
+    concurrency: int
+    calls: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    items: int = 0  # counted between batch edges
+    window_s: float = 0.0
+    items_per_s: float = 0.0
+    units_per_s: float = 0.0
+    unit: str = ""
+    mean_units: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    mean_ms: float = float("nan")
+    distinct_inputs: int = 0
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+async def closed_loop(send: Send, inputs: list[Any], concurrency: int, duration: float, warmup: float,
+                      min_items: int = 0, max_calls: int = 1_000_000,
+                      on_window_start: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Drive `send` with `concurrency` workers, each one call at a time; returns the raw call records."""
+    starts: list[float] = []
+    ends: list[float] = []
+    errors: Counter[str] = Counter()
+    next_index = 0
+    begin = time.perf_counter()
+    window_start = begin + warmup
+    stop_at = window_start + duration
+    hard_stop = stop_at + max(duration, 30.0)  # --min-items may extend the run, never beyond this
+
+    def more() -> bool:
+        now = time.perf_counter()
+        if next_index >= max_calls or now >= hard_stop:
+            return False
+        if now < stop_at:
+            return True
+        return sum(1 for t in ends if t >= window_start) < min_items
+
+    async def worker() -> None:
+        nonlocal next_index
+        while more():
+            i = next_index
+            next_index += 1
+            item = variant(inputs[i % len(inputs)], i // len(inputs))
+            t0 = time.perf_counter()
+            try:
+                await send(item)
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
+                errors[type(exc).__name__ + ": " + " ".join(str(exc).split())[:120]] += 1
+                await asyncio.sleep(0.01)
+                continue
+            starts.append(t0)
+            ends.append(time.perf_counter())
+
+    async def mark_window() -> None:
+        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+        if on_window_start is not None:
+            await on_window_start()
+
+    marker = asyncio.ensure_future(mark_window())
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await marker
+    return {"starts": starts, "ends": ends, "errors": dict(errors), "calls": next_index,
+            "window": (window_start, max([stop_at, *ends]))}
+
+
+def summarize(records: dict[str, Any], workload: Workload, transport: str, concurrency: int,
+              mean_units: float, distinct: int) -> LoadResult:
+    start, stop = records["window"]
+    rate, count, seconds = edge_rate(records["ends"], start, stop)
+    latencies = [(e - s) * 1000 for s, e in zip(records["starts"], records["ends"], strict=True) if s >= start]
+    pct = percentiles(latencies)
+    return LoadResult(workload=workload.name, transport=transport, concurrency=concurrency, calls=records["calls"],
+                      errors=records["errors"], items=count, window_s=round(seconds, 3),
+                      items_per_s=round(rate, 3), units_per_s=round(rate * mean_units, 3), unit=workload.unit,
+                      mean_units=round(mean_units, 3), p50_ms=round(pct["p50"], 2), p99_ms=round(pct["p99"], 2),
+                      mean_ms=round(sum(latencies) / len(latencies), 2) if latencies else float("nan"),
+                      distinct_inputs=distinct)
+
+
+# ---- transports ---------------------------------------------------------------------------------------------
+
+
+def grpc_sender(target: str, model: str, channels: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """Embed calls (one input, mean pooling) over `channels` grpc.aio channels, used round robin."""
+    import grpc
+
+    from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
+    from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
+    from d2v_serve.client import options, to_input
+
+    opts = [("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)]
+    pool = [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, channels))]
+    stubs = [pb_grpc.EmbedderStub(c) for c in pool]
+    embed_options = options()
+    turn = 0
+
+    async def send(item: Any) -> None:
+        nonlocal turn
+        stub = stubs[turn % len(stubs)]
+        turn += 1
+        response = await stub.Embed(pb.EmbedRequest(model=model, inputs=[to_input(item)], options=embed_options),
+                                    timeout=600)
+        if len(response.embeddings) != 1:
+            raise RuntimeError(f"expected 1 embedding, got {len(response.embeddings)}")
+
+    async def close() -> None:
+        for c in pool:
+            await c.close()
+
+    return send, close
+
+
+def http_sender(url: str, model: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """OpenAI-style POST {model, input: [text]} -> {data: [{embedding}]} (infinity-emb, d2v's /v1/embeddings)."""
+    import httpx
+
+    client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency,
+                                                               max_keepalive_connections=concurrency))
+
+    async def send(item: Any) -> None:
+        if not isinstance(item, str):
+            raise TypeError("the HTTP transport sends text only")
+        response = await client.post(url, json={"model": model, "input": [item]})
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        data = response.json()["data"]
+        if len(data) != 1 or not data[0]["embedding"]:
+            raise RuntimeError("expected one embedding")
+
+    return send, client.aclose
+
+
+async def fetch_text(url: str) -> str:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        return (await client.get(url)).text
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.loadgen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--grpc", help="host:port of a d2v server")
+    where.add_argument("--http", help="URL of an OpenAI-style embeddings endpoint (text only)")
+    p.add_argument("--model", required=True, help="model name the server knows")
+    p.add_argument("--model-file", type=Path, required=True, help="the d2v model file (its tokenizer shapes texts)")
+    p.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measurement")
+    p.add_argument("--min-items", type=int, default=0, help="extend the run until this many calls were measured")
+    p.add_argument("--max-calls", type=int, default=1_000_000)
+    p.add_argument("--pool", type=int, default=0, help="distinct inputs made up front (default: the workload's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", help="the server's /metrics URL: batch sizes and padding over the measured span")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.duration <= 0 or args.warmup < 0:
+        raise ValueError("--duration must be > 0 and --warmup >= 0")
+    if not args.model_file.is_file():
+        raise ValueError(f"--model-file {args.model_file} does not exist")
+
+
+async def run(args: argparse.Namespace) -> LoadResult:
+    from bench.server import batch_stats
+    from d2v_serve.model_file import read_metadata
+
+    workload = WORKLOADS[args.workload]
+    meta = read_metadata(args.model_file)
+    inputs = workload.inputs(meta, args.pool or workload.pool, seed=args.seed)
+    mean_units = sum(workload.units(meta, x) for x in inputs) / len(inputs)
+    if args.grpc:
+        send, close = grpc_sender(args.grpc, args.model, args.concurrency)
+        transport = "grpc"
+    else:
+        send, close = http_sender(args.http, args.model, args.concurrency)
+        transport = "http"
+    pages: list[str] = []
+
+    async def scrape() -> None:
+        if args.metrics:
+            pages.append(await fetch_text(args.metrics))
+
+    try:
+        records = await closed_loop(send, inputs, args.concurrency, args.duration, args.warmup, args.min_items,
+                                    args.max_calls, on_window_start=scrape)
+        await scrape()
+    finally:
+        await close()
+    result = summarize(records, workload, transport, args.concurrency, mean_units,
+                       workload.distinct(records["calls"], len(inputs)))
+    if len(pages) == 2:
+        result.server = batch_stats(pages[0], pages[1], args.model)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        check_args(args)
+        result = asyncio.run(run(args))
+    except ValueError as exc:
+        print(f"bench.loadgen: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

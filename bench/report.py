@@ -1,0 +1,140 @@
+"""The bench's results: one row per workload with its ratios, the issue's goals checked, markdown tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from bench.stats import ratio
+
+
+def workload_row(name: str, model: str, loads: dict[int, dict[str, Any]], raw: Sequence[dict[str, Any]],
+                 flops_per_item: float | None = None, gemm_gflops: float | None = None) -> dict[str, Any]:
+    """A workload's figures: the load runs by concurrency, raw ORT by batch, and what follows from them."""
+    levels = sorted(loads)
+    low, high = (loads[levels[0]], loads[levels[-1]]) if levels else ({}, {})
+    best_raw = max(raw, key=lambda r: r["items_per_s"]) if raw else None
+    row: dict[str, Any] = {
+        "workload": name, "model": model,
+        "unit": high.get("unit", ""), "units_per_item": high.get("mean_units"),
+        "by_concurrency": {str(c): loads[c] for c in levels},
+        "raw_ort": list(raw),
+        "raw_ort_best": best_raw,
+        "batching_gain": ratio(high.get("items_per_s"), low.get("items_per_s")),  # top concurrency / lowest
+        "server_over_raw_best": ratio(high.get("items_per_s"), best_raw["items_per_s"] if best_raw else None),
+    }
+    if flops_per_item and high.get("items_per_s"):
+        gflops = flops_per_item * high["items_per_s"] / 1e9
+        row["model_gflops_per_s"] = round(gflops, 2)
+        row["gflops_per_item"] = round(flops_per_item / 1e9, 3)
+        row["fraction_of_gemm_peak"] = round(gflops / gemm_gflops, 3) if gemm_gflops else None
+    return row
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against this run's figures (met: None when the run lacks the figure)."""
+    out = []
+
+    def check(goal: str, value: float | None, target: float, above: bool = True) -> None:
+        met = None if value is None or (isinstance(value, float) and math.isnan(value)) else (
+            value >= target if above else value <= target)
+        out.append({"goal": goal, "value": value, "target": target, "met": met})
+
+    for row in results.get("workloads", []):
+        check(f"{row['workload']}: top concurrency >= 0.95 x lowest", row.get("batching_gain"), 0.95)
+        check(f"{row['workload']}: server >= 0.90 x raw ORT at its best batch", row.get("server_over_raw_best"), 0.90)
+        if row["workload"] == "audio-mixed":
+            top = row["by_concurrency"][max(row["by_concurrency"], key=int)]
+            server = top.get("server", {})
+            check("audio-mixed: padded fraction <= 0.10 at top concurrency",
+                  server.get("padded_fraction", server.get("padded_fraction_per_batch")), 0.10, above=False)
+    for e in results.get("engines", []):
+        where = f"{e['modality']} {e['batch']}x{e['length']}, {e['threads']} thread(s)"
+        check(f"ORT fp32 >= 1.3 x torch eager ({where})", e.get("ort_over_torch"), 1.3)
+        if "int8_over_fp32" in e:
+            check(f"int8 >= 3 x fp32 ({where})", e.get("int8_over_fp32"), 3.0)
+            check(f"int8 pooled cosine >= 0.99 ({where})", e.get("int8_cosine"), 0.99)
+    return out
+
+
+def engine_row(modality: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """torch_vs_ort's figures with the speed ratios."""
+    row = {"modality": modality, **figures, "ort_over_torch": ratio(figures["torch_s"], figures.get("fp32_s"))}
+    if "int8_s" in figures:
+        row["int8_over_fp32"] = ratio(figures["fp32_s"], figures["int8_s"])
+    return row
+
+
+# ---- text -----------------------------------------------------------------------------------------------------
+
+
+def markdown_number(v: Any) -> str:
+    """3 significant digits, no exponents: 1234.5 -> '1234', 12.34 -> '12.3', 0.01234 -> '0.0123'; None -> '-'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(markdown_number(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _latency(load: dict[str, Any] | None) -> str:
+    if not load:
+        return "-"
+    return f"{load['p50_ms']:.0f} / {load['p99_ms']:.0f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    """All tables of a run, markdown."""
+    parts = []
+    levels = results.get("concurrency", [])
+    headers = ["workload", *[f"c{c} items/s" for c in levels]]
+    if len(levels) > 1:
+        headers.append(f"c{levels[-1]}/c{levels[0]}")
+    headers += ["raw ORT best (batch)", "server/raw", *[f"p50/p99 ms c{c}" for c in levels],
+                "mean batch", "padded", "units/s", "GFLOP/s (of peak)"]
+    rows = []
+    for w in results.get("workloads", []):
+        by = w["by_concurrency"]
+        top = by.get(str(levels[-1]), {}) if levels else {}
+        server = top.get("server", {})
+        best = w.get("raw_ort_best")
+        row: list[Any] = [w["workload"], *[by.get(str(c), {}).get("items_per_s") for c in levels]]
+        if len(levels) > 1:
+            row.append(w.get("batching_gain"))
+        row += [f"{markdown_number(best['items_per_s'])} (b{best['batch']})" if best else "-",
+                w.get("server_over_raw_best"),
+                *[_latency(by.get(str(c))) for c in levels], server.get("mean_batch"),
+                server.get("padded_fraction", server.get("padded_fraction_per_batch")),
+                f"{markdown_number(top.get('units_per_s'))} {w.get('unit', '')}" if top else "-",
+                f"{w['model_gflops_per_s']:.1f} ({w['fraction_of_gemm_peak']:.0%})"
+                if w.get("fraction_of_gemm_peak") is not None else "-"]
+        rows.append(row)
+    if rows:
+        parts.append(markdown_table(headers, rows))
+    if results.get("servers"):
+        parts.append(markdown_table(
+            ["server (models)", "cold start s", "RSS MiB after load", "peak RSS MiB"],
+            [[s["models"], s.get("cold_start_s"), s.get("rss_mb"), s.get("peak_rss_mb")] for s in results["servers"]]))
+    if results.get("engines"):
+        parts.append(markdown_table(
+            ["engine batch", "threads", "torch eager s", "ORT fp32 s", "ORT/torch", "ORT int8 s", "int8/fp32",
+             "int8 cosine"],
+            [[f"{e['modality']} {e['batch']}x{e['length']}", e["threads"], e["torch_s"], e.get("fp32_s"),
+              e.get("ort_over_torch"), e.get("int8_s"), e.get("int8_over_fp32"), e.get("int8_cosine")]
+             for e in results["engines"]]))
+    if results.get("gemm"):
+        g = results["gemm"]
+        parts.append(f"GEMM peak (numpy float32 {g['n']}x{g['n']}, {g['threads']} thread(s)): "
+                     f"{g['gflops']:.1f} GFLOP/s")
+    if results.get("goals"):
+        parts.append(markdown_table(["goal", "value", "target", "met"],
+                                    [[g["goal"], g["value"], g["target"],
+                                      {True: "yes", False: "**no**", None: "-"}[g["met"]]] for g in results["goals"]]))
+    return "\n\n".join(parts) + "\n"

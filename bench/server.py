@@ -1,0 +1,151 @@
+"""A `d2v-serve` process for the bench: start it on chosen model files, time its cold start, read its memory and
+its batch metrics, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Histogram, counters, histograms
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process now and at its peak, in MiB (Linux /proc; empty elsewhere)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+def batch_stats(before: str, after: str, model: str) -> dict[str, Any]:
+    """Batch sizes and padding of `model` between two scrapes of a d2v server's /metrics page."""
+    sizes = histograms(after, "d2v_batch_size").get(model)
+    if sizes is None:
+        return {}
+    sizes = sizes - histograms(before, "d2v_batch_size").get(model, Histogram({}))
+    out: dict[str, Any] = {"batches": int(sizes.count), "mean_batch": round(sizes.mean, 2),
+                           "batch_sizes": sizes.counts()}
+    pad = histograms(after, "d2v_batch_padding_fraction").get(model)
+    if pad is not None:
+        pad = pad - histograms(before, "d2v_batch_padding_fraction").get(model, Histogram({}))
+        out["padded_fraction_per_batch"] = round(pad.mean, 4)
+    # Servers that count positions give the padded share of all computed positions (batches weighted by size).
+    positions = {k: v - counters(before, "d2v_batch_positions").get(k, 0.0)
+                 for k, v in counters(after, "d2v_batch_positions").items() if dict(k).get("model") == model}
+    valid = sum(v for k, v in positions.items() if dict(k).get("kind") == "valid")
+    padded = sum(v for k, v in positions.items() if dict(k).get("kind") == "padded")
+    if valid + padded > 0:
+        out["padded_fraction"] = round(padded / (valid + padded), 4)
+    busy = {k: v for k, v in counters(after, "d2v_session_busy_seconds").items() if dict(k).get("model") == model}
+    if busy:
+        key = next(iter(busy))
+        out["session_busy_s"] = round(busy[key] - counters(before, "d2v_session_busy_seconds").get(key, 0.0), 3)
+    return out
+
+
+class D2vServer:
+    """`d2v-serve` on a few model files (a temporary folder of links), bound to loopback. A context manager."""
+
+    def __init__(self, model_files: Sequence[Path], extra_args: Sequence[str] = (), start_timeout: float = 600.0,
+                 executable: str | None = None) -> None:
+        self.model_files = [Path(f).resolve() for f in model_files]
+        self.extra_args = list(extra_args)
+        self.start_timeout = start_timeout
+        self.executable = executable or str(Path(sys.executable).with_name("d2v-serve"))
+        self.port, self.metrics_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+        self.cold_start_s = float("nan")
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def command(self) -> list[str]:
+        models = self._dir.name if self._dir else "MODELS"
+        return [self.executable, "--models", models, "--host", "127.0.0.1", "--port", str(self.port),
+                "--metrics-port", str(self.metrics_port), "--log-level", "warning", *self.extra_args]
+
+    def __enter__(self) -> D2vServer:
+        from d2v_serve.client import Client
+
+        self._dir = tempfile.TemporaryDirectory(prefix="d2v-bench-models-")
+        for f in self.model_files:
+            (Path(self._dir.name) / f.name).symlink_to(f)
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = start + self.start_timeout
+        while True:  # cold start: process start to health SERVING (models loaded and warmed up)
+            try:
+                with Client(self.target, timeout=2) as client:
+                    if client.health() == "SERVING":
+                        break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"d2v-serve exited with {self.proc.returncode}: {' '.join(self.command)}")
+            if time.perf_counter() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"d2v-serve not SERVING after {self.start_timeout:.0f} s")
+            time.sleep(0.05)
+        self.cold_start_s = time.perf_counter() - start
+        return self
+
+    def memory(self) -> dict[str, float]:
+        return rss_mb(self.proc.pid) if self.proc else {}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def run_loadgen(target: str, model: str, model_file: Path, workload: str, concurrency: int, duration: float,
+                warmup: float, min_items: int = 0, metrics_url: str = "", http: bool = False,
+                python: str | None = None, timeout: float = 900.0) -> dict[str, Any]:
+    """bench.loadgen in its own process; its JSON result."""
+    import json
+
+    cmd = [python or sys.executable, "-m", "bench.loadgen", "--http" if http else "--grpc", target,
+           "--model", model, "--model-file", str(model_file), "--workload", workload,
+           "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
+           "--min-items", str(min_items)]
+    if metrics_url:
+        cmd += ["--metrics", metrics_url]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,305 @@
+"""The bench's logic: rates, percentiles, metrics parsing, workloads, reports, arguments (no timing assertions),
+and one smoke run of bench/run on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from bench import cli, engines, report, stats
+from bench.loadgen import closed_loop
+from bench.server import batch_stats
+from bench.workloads import WORKLOADS, Workload, parse_workloads, variant
+from d2v_serve.client import Pcm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- stats ----------------------------------------------------------------------------------------------------
+
+
+def test_percentiles_interpolate_and_empty_is_nan():
+    p = stats.percentiles(list(range(1, 101)))
+    assert p["p50"] == pytest.approx(50.5)
+    assert p["p99"] == pytest.approx(99.01)
+    assert all(math.isnan(v) for v in stats.percentiles([]).values())
+
+
+def test_edge_rate_counts_whole_batches():
+    # batches of 4 answered every second (a few ms apart inside a batch): 4 items/s whatever the window edges
+    ends = [b + 0.001 * i for b in range(1, 11) for i in range(4)]
+    for start, stop in ((0.5, 10.5), (1.002, 9.7), (2.5, 8.0)):
+        rate, count, seconds = stats.edge_rate(ends, start, stop)
+        assert rate == pytest.approx(4.0, rel=0.01)
+        assert count % 4 == 0 and seconds > 0
+    # a plain window would be biased by the partial batches at its edges
+    assert 24 / (9.7 - 1.002) != pytest.approx(4.0, rel=0.05)
+
+
+def test_edge_rate_of_evenly_spread_completions():
+    ends = list(np.arange(0, 10, 0.1))
+    rate, count, _ = stats.edge_rate(ends, 2.0, 8.0)
+    assert rate == pytest.approx(10.0, rel=0.02)
+    assert count > 50
+
+
+def test_edge_rate_with_too_few_completions_falls_back_to_the_window():
+    assert stats.edge_rate([1.0, 2.0], 0.0, 4.0) == (0.5, 2, 4.0)
+    assert stats.edge_rate([], 0.0, 4.0) == (0.0, 0, 4.0)
+
+
+def _metrics_page(batches: list[int], paddings: list[float], valid: int = 0, padded: int = 0) -> str:
+    registry = CollectorRegistry()
+    size = Histogram("d2v_batch_size", "", ["model"], buckets=(1, 2, 4, 8, 16, 32), registry=registry)
+    pad = Histogram("d2v_batch_padding_fraction", "", ["model"], buckets=(0.0, 0.1, 0.5, 1.0), registry=registry)
+    positions = Counter("d2v_batch_positions", "", ["model", "kind"], registry=registry)
+    for b in batches:
+        size.labels("m").observe(b)
+    for p in paddings:
+        pad.labels("m").observe(p)
+    size.labels("other").observe(64)
+    positions.labels("m", "valid").inc(valid)
+    positions.labels("m", "padded").inc(padded)
+    return generate_latest(registry).decode()
+
+
+def test_histograms_parse_and_subtract():
+    before = stats.histograms(_metrics_page([1, 2], [0.0, 0.0]), "d2v_batch_size")["m"]
+    after = stats.histograms(_metrics_page([1, 2, 8, 8, 3], [0.0] * 5), "d2v_batch_size")["m"]
+    delta = after - before
+    assert delta.count == 3 and delta.total == 19
+    assert delta.mean == pytest.approx(19 / 3)
+    assert delta.counts() == {"<=4": 1, "<=8": 2}
+
+
+def test_batch_stats_between_two_scrapes():
+    before = _metrics_page([4], [0.5], valid=10, padded=10)
+    after = _metrics_page([4, 8, 8], [0.5, 0.1, 0.2], valid=110, padded=30)
+    out = batch_stats(before, after, "m")
+    assert out["batches"] == 2 and out["mean_batch"] == 8.0
+    assert out["batch_sizes"] == {"<=8": 2}
+    assert out["padded_fraction_per_batch"] == pytest.approx(0.15)
+    assert out["padded_fraction"] == pytest.approx(20 / 120, abs=1e-4)
+    assert batch_stats(before, after, "absent") == {}
+
+
+def test_ratio_handles_missing_values():
+    assert stats.ratio(3.0, 2.0) == 1.5
+    assert stats.ratio(None, 2.0) is None and stats.ratio(1.0, 0.0) is None
+    assert stats.ratio(float("nan"), 1.0) is None
+
+
+# ---- workloads ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_meta():
+    from d2v_serve.preprocess import train_bpe_tokenizer
+    from tests.hf_models import CORPUS
+
+    pre = train_bpe_tokenizer(CORPUS, vocab_size=300, min_frequency=1).to_dict()
+    pre["max_length"] = 64
+    return {"modality": "text", "preprocessing": pre, "max_positions": 64}
+
+
+def test_texts_have_the_asked_token_count_and_differ(text_meta):
+    w = WORKLOADS["text-12"]
+    texts = w.inputs(text_meta, 50, seed=1)
+    assert len(set(texts)) == 50
+    counts = [w.units(text_meta, t) for t in texts]
+    assert min(counts) >= 12 and np.mean(counts) < 14
+
+
+def test_too_long_text_workload_is_refused(text_meta):
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        WORKLOADS["text-128"].inputs(text_meta, 1)
+
+
+def test_audio_workload_lengths_and_units():
+    w = WORKLOADS["audio-mixed"]
+    clips = w.inputs({}, 40, seed=0)
+    seconds = [w.units({}, c) for c in clips]
+    assert 0.5 <= min(seconds) and max(seconds) <= 10.0 and len({len(c.samples) for c in clips}) > 30
+    assert w.unit == "audio_s"
+
+
+def test_variants_differ_and_keep_the_length():
+    text = "one two three four five"
+    seen = {variant(text, k) for k in range(10)}
+    assert len(seen) == 10 and all(len(v.split()) == 5 for v in seen)
+    clip = Pcm(np.arange(1000, dtype=np.float32), 16000)
+    moved = variant(clip, 1)
+    assert len(moved.samples) == 1000 and not np.array_equal(moved.samples, clip.samples)
+    assert variant(text, 0) == text
+
+
+def test_distinct_counts():
+    assert Workload("t", "text", "text", tokens=12).distinct(100, 4) == 80
+    assert WORKLOADS["audio-2s"].distinct(1000, 10) == 1000
+    assert WORKLOADS["image"].distinct(1000, 10) == 10
+
+
+def test_parse_workloads():
+    assert [w.name for w in parse_workloads("text-12, audio-2s")] == ["text-12", "audio-2s"]
+    with pytest.raises(ValueError, match="unknown workload.*nope"):
+        parse_workloads("text-12,nope")
+
+
+# ---- the load generator's loop ------------------------------------------------------------------------------
+
+
+def test_closed_loop_sends_distinct_inputs_and_counts_errors():
+    sent: list[str] = []
+
+    async def send(item: str) -> None:
+        await asyncio.sleep(0)
+        if len(sent) % 10 == 9:
+            sent.append(item)
+            raise RuntimeError("refused")
+        sent.append(item)
+
+    pool = [f"a b c {i}" for i in range(5)]  # 5 texts x 4 words x 2 (rotated, reversed) = 40 distinct inputs
+    records = asyncio.run(closed_loop(send, pool, concurrency=4, duration=0.2, warmup=0.05, max_calls=40))
+    assert records["calls"] == 40 == len(sent)  # bounded by calls (the loop is fast)
+    assert len(set(sent)) == len(sent)  # every call a distinct input
+    assert sum(records["errors"].values()) == 4
+    assert len(records["ends"]) == 36 and all(e >= s for s, e in zip(records["starts"], records["ends"], strict=True))
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------------------
+
+
+def test_text_flops_by_hand():
+    cfg = {"modality": "text", "hidden_size": 4, "ffn_size": 8, "num_layers": 2}
+    # per layer: 2 x 3 positions x (4 x 16 + 2 x 4 x 8) + 4 x 9 x 4
+    assert engines.model_flops(cfg, 3) == 2 * (2 * 3 * (64 + 64) + 144)
+
+
+def test_audio_flops_use_the_front_ends_frames():
+    from d2v_serve.preprocess import audio_frames
+    from training.models import EncoderConfig
+
+    cfg = EncoderConfig.preset("audio", "base").to_dict()
+    frames = audio_frames(32000, cfg["conv_layers"])
+    assert engines.model_flops(cfg, 32000) > engines.transformer_flops(cfg, frames)
+    assert engines.model_flops(cfg, 32000) < engines.transformer_flops(cfg, frames) * 3
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+
+def _load(c: int, rate: float, **server) -> dict:
+    return {"concurrency": c, "items_per_s": rate, "units_per_s": rate * 12, "unit": "tokens", "mean_units": 12.0,
+            "p50_ms": 10.0 * c, "p99_ms": 20.0 * c, "server": server}
+
+
+def test_workload_row_ratios():
+    row = report.workload_row("text-12", "text", {1: _load(1, 20.0), 32: _load(32, 30.0, mean_batch=16.0)},
+                              [{"batch": 1, "items_per_s": 25.0}, {"batch": 16, "items_per_s": 40.0}],
+                              flops_per_item=1e9, gemm_gflops=100.0)
+    assert row["batching_gain"] == 1.5
+    assert row["raw_ort_best"]["batch"] == 16 and row["server_over_raw_best"] == 0.75
+    assert row["model_gflops_per_s"] == 30.0 and row["fraction_of_gemm_peak"] == 0.3
+
+
+def test_goals_and_render():
+    results = {
+        "concurrency": [1, 32],
+        "workloads": [
+            report.workload_row("text-12", "text", {1: _load(1, 20.0), 32: _load(32, 19.5)},
+                                [{"batch": 1, "items_per_s": 20.0}]),
+            report.workload_row("audio-mixed", "audio", {1: _load(1, 2.0), 32: _load(32, 1.0, padded_fraction=0.3)},
+                                []),
+        ],
+        "engines": [report.engine_row("text", {"batch": 8, "length": 128, "threads": 2, "torch_s": 1.0,
+                                               "fp32_s": 0.5, "int8_s": 0.25, "int8_cosine": 0.995})],
+        "servers": [{"models": "text", "cold_start_s": 3.2, "rss_mb": 900.0, "peak_rss_mb": 950.0}],
+        "gemm": {"gflops": 50.0, "n": 1024, "threads": 2},
+    }
+    results["goals"] = report.goals(results)
+    met = {g["goal"]: g["met"] for g in results["goals"]}
+    assert met["text-12: top concurrency >= 0.95 x lowest"] is True  # 0.97
+    assert met["audio-mixed: top concurrency >= 0.95 x lowest"] is False
+    assert met["audio-mixed: padded fraction <= 0.10 at top concurrency"] is False
+    assert met["audio-mixed: server >= 0.90 x raw ORT at its best batch"] is None  # no raw figures
+    assert met["ORT fp32 >= 1.3 x torch eager (text 8x128, 2 thread(s))"] is True
+    assert met["int8 >= 3 x fp32 (text 8x128, 2 thread(s))"] is False
+    text = report.render(results)
+    assert "| text-12 | 20.0 | 19.5 | 0.97 | 20.0 (b1) | 0.97 | 10 / 20 | 320 / 640 |" in text
+    assert "10 / 20" in text and "320 / 640" in text
+    assert "| text | 3.2 | 900 | 950 |" in text
+    assert "GEMM peak" in text and "**no**" in text
+
+
+def test_markdown_numbers():
+    assert report.markdown_number(1736.4) == "1736"
+    assert report.markdown_number(12.34) == "12.3"
+    assert report.markdown_number(0.012345) == "0.0123"
+    assert report.markdown_number(None) == "-" and report.markdown_number(float("nan")) == "-"
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------
+
+
+def test_parse_args_fills_the_modes_defaults():
+    args = cli.parse_args(["--full", "--workloads", "text-12", "--concurrency", "32,1,8,8"])
+    assert args.levels == [1, 8, 32] and args.duration == cli.MODES["full"].duration
+    assert [w.name for w in args.workload_list] == ["text-12"]
+    assert cli.parse_args([]).mode == "quick"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "0,8"], ">= 1"),
+    (["--concurrency", "a"], "comma-separated integers"),
+    (["--workloads", "video"], "unknown workload"),
+    (["--duration", "0"], "--duration"),
+    (["--threads", "-1"], "--threads"),
+    (["--models-dir", "/no/such/dir"], "not a folder"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        cli.parse_args(argv)
+
+
+def test_raw_batches_follow_the_servers_mean_batch():
+    assert cli.raw_batches(cli.MODES["quick"], {"server": {"mean_batch": 15.6}}) == [1, 16]
+    assert cli.raw_batches(cli.MODES["quick"], {}) == [1]
+    assert cli.raw_batches(cli.MODES["full"], {}) == [1, 4, 8, 16, 32]
+
+
+# ---- smoke: the command on a tiny model ----------------------------------------------------------------------
+
+
+def test_bench_run_smoke(tmp_path):
+    from tests.factories import make_model_file
+
+    models = tmp_path / "models"
+    make_model_file("text", models)
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "--models-dir", str(models), "--workloads", "text-12",
+                           "--concurrency", "1,2", "--duration", "0.5", "--warmup", "0.2", "--no-engines",
+                           "--no-gemm", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    row = result["workloads"][0]
+    assert row["workload"] == "text-12" and set(row["by_concurrency"]) == {"1", "2"}
+    assert row["by_concurrency"]["2"]["items_per_s"] > 0 and not row["by_concurrency"]["2"]["errors"]
+    assert row["by_concurrency"]["2"]["server"]["batches"] > 0
+    assert row["raw_ort"] and result["servers"][0]["cold_start_s"] > 0
+    assert "| text-12 |" in done.stdout
+
+
+def test_bench_run_refuses_missing_models(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "--models-dir", str(tmp_path), "--workloads",
+                           "audio-2s", "--no-engines", "--no-gemm"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"bench/run: no audio.onnx in {tmp_path}"
