@@ -2,9 +2,12 @@
 
 The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
 inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
-order (within a window of queued inputs) while the padded cost (inputs x longest, rounded up to its length bucket)
-stays within the budget. Only an idle session waits, at most `max_delay_s` after the oldest input arrived, for a
-fuller batch. Per-input results (slicing, pooling, packing) are finished on a second thread, overlapping the next run.
+order (within a window of queued inputs) while what it will compute (inputs x longest, attention's length-squared
+term included) stays within the fill target and the budget, and its padded share within `max_padding`. A batch
+that is not full waits, at most `max_delay_s`, only while more inputs are known to be on their way (inputs being
+preprocessed, or as many as the last batches answered: closed-loop clients come back), so a tiny batch does not start
+just before a full one's worth arrives. Per-input results (pooling, packing) are finished on a second thread, a
+batch at a time, overlapping the next run.
 """
 
 from __future__ import annotations
@@ -33,11 +36,33 @@ OUTPUT_MASK = "output_mask"
 class BatchPolicy:
     max_batch_size: int = 64
     budget: int = 16384  # padded cost units per batch: text tokens, audio samples, image pixels
+    fill: int = 0  # a batch stops growing at this cost (CPU: small tight batches lose nothing); 0: the budget
+    max_padding: float = 0.10  # most of a batch's work spent on padding (its longest input sets the width)
+    attention_length: int = 0  # cost units at which attention does as much work per position as the rest; 0: none
     length_buckets: int = 0  # batch lengths round up to one of this many per doubling (0: exact lengths)
     max_length: int = 0  # padding never goes beyond this (text: the model's positions); 0: no cap
     max_delay_s: float = 0.002
     sort_window: int = 512
     max_queue: int = 2048
+
+    @property
+    def limit(self) -> float:
+        """The most a batch may cost: the fill target within the budget."""
+        return min(self.fill, self.budget) if self.fill > 0 else self.budget
+
+    def work(self, length: float) -> float:
+        """What one row of `length` cost units computes: per-position work plus attention's length-squared term
+        (per layer and position ~12 d^2 + 2 L d multiply-adds, so attention doubles it at L = 6 d)."""
+        return length * (1.0 + length / self.attention_length) if self.attention_length > 0 else float(length)
+
+    def cost(self, count: int, longest: int) -> float:
+        """What a batch of `count` inputs whose longest has `longest` units computes, bucket padding included."""
+        return count * self.work(self.padded(longest))
+
+    def padding(self, count: int, longest: int, useful: float) -> float:
+        """The share of a batch's work spent on padding between its inputs, `useful` being the sum of their
+        `work`; bucket rounding is left out (it is bounded by 1 / length_buckets on its own)."""
+        return 1.0 - useful / (count * self.work(longest)) if longest > 0 else 0.0
 
     def padded(self, length: int) -> int:
         """The batch length for a longest input of `length`: geometric buckets waste at most 1/length_buckets
@@ -77,8 +102,10 @@ class Batcher:
         self._on_death = on_death
         self._cond = threading.Condition()
         self._queue: list[Item] = []  # arrival order
-        self._queued_cost = 0
+        self._queued_cost = 0.0
         self._admitted = 0  # reserved slots: inputs being preprocessed or queued
+        self._returning = 0  # inputs answered lately whose clients have not come back yet (closed loops do)
+        self._free_since = 0.0  # when the session last finished a batch
         self.state = "new"  # new -> warming -> ready -> closing -> closed; or dead
         self.ready = concurrent.futures.Future()  # resolves when warmed up (exception: died before)
         self._thread = threading.Thread(target=self._main, name=f"d2v-run-{name}", daemon=True)
@@ -115,6 +142,7 @@ class Batcher:
                 raise resource_exhausted(f"model {self.name} queue is full ({self._admitted} of "
                                          f"{self.policy.max_queue} inputs pending); retry with backoff")
             self._admitted += n
+            self._returning = max(0, self._returning - n)
             self._depth_gauge.set(self._admitted)
 
     def release(self, n: int) -> None:
@@ -133,7 +161,7 @@ class Batcher:
                 raise unavailable(f"model {self.name} is down (its worker stopped)")
             for item in items:
                 item.enqueued = now
-                self._queued_cost += self.policy.padded(item.length)
+                self._queued_cost += self.policy.work(item.length)
             self._queue.extend(items)
             self._cond.notify()
 
@@ -175,7 +203,7 @@ class Batcher:
             self.state = "dead"
             queued, self._queue = self._queue, []
             self._admitted -= len(queued)
-            self._queued_cost = 0
+            self._queued_cost = 0.0
             self._depth_gauge.set(self._admitted)
         for item in queued:
             if item.future.set_running_or_notify_cancel():
@@ -186,26 +214,43 @@ class Batcher:
             self._on_death(self.name, exc)
 
     def _next_batch(self) -> list[Item] | None:
-        p = self.policy
         with self._cond:
             while True:
                 now = time.monotonic()
                 self._drop_expired(now)
                 if self._queue:
-                    due = self._queue[0].enqueued + p.max_delay_s
-                    full = len(self._queue) >= p.max_batch_size or self._queued_cost >= p.budget
-                    if self.state == "closing" or full or now >= due:
-                        batch = self._select()
+                    batch, full = self._select()
+                    wait = self._wait_for_more(full, now)
+                    if wait <= 0:
                         self._remove(batch)
                         batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
                         if batch:
                             return batch
                         continue
-                    self._cond.wait(due - now)
+                    self._cond.wait(wait)
                 elif self.state == "closing" and self._admitted == 0:
                     return None
                 else:
                     self._cond.wait()
+
+    def _wait_for_more(self, full: bool, now: float) -> float:
+        """Seconds to hold a batch that is not full for inputs on their way; 0: run it now.
+
+        Inputs are on their way while some are being preprocessed, or while fewer have arrived since the session
+        last answered than it answered (closed-loop clients send again on each answer). Waiting is pointless when
+        nothing is expected (a lone client, open-loop traffic), when the queue already holds a full batch's worth,
+        and ends `max_delay_s` after the session freed or the oldest input arrived, whichever is later.
+        """
+        p = self.policy
+        expected = self._returning + self._admitted - len(self._queue)
+        plenty = len(self._queue) >= p.max_batch_size or self._queued_cost >= p.limit
+        if self.state == "closing" or full or plenty or expected <= 0:
+            return 0.0
+        due = max(self._free_since, self._queue[0].enqueued) + p.max_delay_s
+        if now >= due:
+            self._returning = 0  # they did not come back within the delay: stop expecting them
+            return 0.0
+        return due - now
 
     def _drop_expired(self, now: float) -> None:
         """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed."""
@@ -226,35 +271,44 @@ class Batcher:
     def _remove(self, items: list[Item]) -> None:
         gone = {id(it) for it in items}
         self._queue = [it for it in self._queue if id(it) not in gone]
-        self._queued_cost -= sum(self.policy.padded(it.length) for it in items)
+        self._queued_cost = max(0.0, self._queued_cost - sum(self.policy.work(it.length) for it in items))
         self._admitted -= len(items)
         self._depth_gauge.set(self._admitted)
 
-    def _select(self) -> list[Item]:
-        """The oldest input plus its nearest neighbours by length, within the budget and the batch size."""
+    def _select(self) -> tuple[list[Item], bool]:
+        """The oldest input plus its nearest neighbours by length, and whether the batch is full.
+
+        A neighbour joins while the batch's cost stays within the fill target and budget, its padded share within
+        `max_padding`, and its size within `max_batch_size`; of the two neighbours (next shorter, next longer) the
+        one that leaves less padding joins first. Full: not even another input as long as its longest would fit
+        (size or cost); otherwise more arrivals could still join it.
+        """
         p = self.policy
         window = self._queue[: p.sort_window]
-        lengths = [p.padded(it.length) for it in window]
+        lengths = [it.length for it in window]
+        work = [p.work(n) for n in lengths]
         order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
         lo = hi = order.index(0)
-        longest, count = lengths[0], 1
+        longest, useful, count = lengths[0], work[0], 1
         while count < p.max_batch_size:
-            best: tuple[int, int, int] | None = None  # (extra padding, side, new longest)
-            if lo > 0:
-                shorter = lengths[order[lo - 1]]
-                if (count + 1) * longest <= p.budget:
-                    best = (longest - shorter, -1, longest)
-            if hi < len(order) - 1:
-                longer = lengths[order[hi + 1]]
-                extra = (longer - longest) * count
-                if (count + 1) * longer <= p.budget and (best is None or extra < best[0]):
-                    best = (extra, 1, longer)
+            best: tuple[float, int, int] | None = None  # (padding after, side, new longest)
+            for side, j in ((-1, lo - 1), (1, hi + 1)):
+                if not 0 <= j < len(order):
+                    continue
+                new_longest = max(longest, lengths[order[j]])
+                padding = p.padding(count + 1, new_longest, useful + work[order[j]])
+                if p.cost(count + 1, new_longest) > p.limit or padding > p.max_padding + 1e-12:
+                    continue
+                if best is None or padding < best[0]:
+                    best = (padding, side, new_longest)
             if best is None:
                 break
             _, side, longest = best
             lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
+            useful += work[order[lo] if side < 0 else order[hi]]
             count += 1
-        return [window[i] for i in order[lo: hi + 1]]
+        full = count >= p.max_batch_size or p.cost(count + 1, longest) > p.limit  # not even a twin would fit
+        return [window[i] for i in order[lo: hi + 1]], full
 
     def _run(self, values: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         feeds = collate(self.modality, values, pad_id=self.pad_id)
@@ -288,30 +342,53 @@ class Batcher:
             batch[0].future.set_exception(internal(f"model {self.name} failed on this input: "
                                                    f"{' '.join(str(exc).split())[:300]}"))
             return
-        run_s = time.monotonic() - start
+        done = time.monotonic()
+        run_s = done - start
+        with self._cond:
+            self._returning += len(batch)
+            self._free_since = done
         self._record(batch, outs, run_s)
         self._post.submit(self._deliver, batch, outs, start, run_s)
 
     def _record(self, batch: list[Item], outs: dict[str, np.ndarray], run_s: float) -> None:
         mask = outs[OUTPUT_MASK]
+        valid = int(np.count_nonzero(mask))
         metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
-        metrics.PADDING.labels(self.name).observe(1.0 - float(mask.sum()) / max(1, mask.size))
+        metrics.PADDING.labels(self.name).observe(1.0 - valid / max(1, mask.size))
+        metrics.POSITIONS.labels(self.name, "valid").inc(valid)
+        metrics.POSITIONS.labels(self.name, "padded").inc(mask.size - valid)
+        metrics.BUSY_SECONDS.labels(self.name).inc(run_s)
         metrics.STAGE_SECONDS.labels(self.name, "inference").observe(run_s)
 
     def _deliver(self, batch: list[Item], outs: dict[str, np.ndarray], start: float, run_s: float) -> None:
+        """Finish each input from its rows of the batch output: inputs whose `finish` has a `finish_batch`
+        (pooling options) are finished together, a group at a time; the others one by one."""
         t0 = time.monotonic()
-        valid = outs[OUTPUT_MASK].astype(bool)
-        queue_hist = metrics.STAGE_SECONDS.labels(self.name, "queue")
+        positions = np.count_nonzero(outs[OUTPUT_MASK], axis=1)  # right-padded: an input's valid rows come first
+        groups: dict[tuple[str, Any], list[int]] = {}
         for i, item in enumerate(batch):
+            key = (item.output, item.finish if hasattr(item.finish, "finish_batch") else id(item))
+            groups.setdefault(key, []).append(i)
+        for (output, _), rows in groups.items():
+            finish = batch[rows[0]].finish
             try:
-                hidden = outs[item.output][i][valid[i]]
-                result = ItemResult(item.finish(hidden), int(valid[i].sum()), start - item.enqueued, run_s)
+                if hasattr(finish, "finish_batch"):
+                    hidden = outs[output] if len(rows) == len(batch) else outs[output][rows]
+                    values = finish.finish_batch(hidden, positions[rows])
+                else:
+                    values = [finish(outs[output][rows[0], : positions[rows[0]]])]
             except ServeError as exc:
-                item.future.set_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - reported to this input's caller only
+                for i in rows:
+                    batch[i].future.set_exception(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported to these inputs' callers only
                 log.exception("postprocessing failed", extra={"model": self.name})
-                item.future.set_exception(internal(f"postprocessing failed: {exc}"))
-            else:
-                item.future.set_result(result)
+                for i in rows:
+                    batch[i].future.set_exception(internal(f"postprocessing failed: {exc}"))
+                continue
+            for i, value in zip(rows, values, strict=True):
+                batch[i].future.set_result(ItemResult(value, int(positions[i]), start - batch[i].enqueued, run_s))
+        queue_hist = metrics.STAGE_SECONDS.labels(self.name, "queue")
+        for item in batch:
             queue_hist.observe(start - item.enqueued)
         metrics.STAGE_SECONDS.labels(self.name, "postprocess").observe(time.monotonic() - t0)

@@ -42,8 +42,15 @@ class ServerConfig:
     max_batch_tokens: int = field(default=16384, metadata={"help": "text: padded tokens per batch (n x longest)"})
     max_batch_audio_seconds: float = field(default=240.0, metadata={"help": "audio: padded seconds per batch"})
     max_batch_pixels: int = field(default=32 * 224 * 224, metadata={"help": "image: pixels per batch"})
-    max_delay_ms: float = field(default=2.0, metadata={"help": "when the model is idle, wait at most this long for "
-                                                                "more inputs before running a batch"})
+    max_delay_ms: float = field(default=2.0, metadata={"help": "a batch that is not full waits at most this long "
+                                                                "for inputs known to be on their way"})
+    max_padding: float = field(default=0.10, metadata={"help": "most of a batch's work spent on padding: a "
+                                                                "neighbour joins only while the batch stays within"})
+    batch_fill_positions: int = field(default=-1, metadata={"help": "a batch stops growing at this many positions "
+                                                                     "(tokens, audio frames, image patches); on CPU a "
+                                                                     "base model is compute-bound, so small tight "
+                                                                     "batches lose nothing (0: fill to the budget; "
+                                                                     "-1: 256 on CPU, 0 on CUDA)"})
     sort_window: int = field(default=512, metadata={"help": "queued inputs sorted by length when forming a batch"})
     max_queue: int = field(default=2048, metadata={"help": "inputs admitted per model (preprocessing or queued); "
                                                             "beyond: RESOURCE_EXHAUSTED"})
@@ -86,8 +93,11 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.length_buckets < -1:
-            raise ValueError(f"--length-buckets must be >= -1, got {self.length_buckets}")
+        for name in ("length_buckets", "batch_fill_positions"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= -1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_padding < 1.0:
+            raise ValueError(f"--max-padding must be in [0, 1), got {self.max_padding}")
         nonneg = ("port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
                   "max_delay_ms", "max_concurrent_rpcs", "keepalive_time_s", "keepalive_timeout_s",
                   "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 _FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 REQUESTS = Counter("d2v_requests_total", "Embed calls and EmbedStream messages handled, by final status code",
@@ -17,6 +17,11 @@ INFLIGHT = Gauge("d2v_inflight_requests", "Embed calls and stream messages being
 BATCH_SIZE = Histogram("d2v_batch_size", "Inputs per model run", ["model"], buckets=_BATCH_BUCKETS)
 PADDING = Histogram("d2v_batch_padding_fraction", "Padded share of the positions of a batch", ["model"],
                     buckets=_FRACTION_BUCKETS)
+POSITIONS = Counter("d2v_batch_positions_total", "Output positions computed (tokens, audio frames, patches), by "
+                    "kind: valid or padded; padded / (valid + padded) is the padded fraction of any window",
+                    ["model", "kind"])
+BUSY_SECONDS = Counter("d2v_session_busy_seconds_total", "Seconds the model's session spent running batches; its "
+                       "rate is the session's busy fraction", ["model"])
 STAGE_SECONDS = Histogram("d2v_stage_seconds", "Time per stage: preprocess (per request), queue (per input), "
                           "inference (per batch), postprocess (per batch), total (per request)",
                           ["model", "stage"], buckets=_LATENCY_BUCKETS)

@@ -23,18 +23,31 @@ class OutputOptions:
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:
         """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none), little-endian C order."""
-        return np.ascontiguousarray(self.apply(hidden))
+        return self.finish_batch(hidden[None], np.array([len(hidden)]))[0]
 
     def apply(self, hidden: np.ndarray) -> np.ndarray:
+        """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none), normalised and cast."""
+        return self(hidden)
+
+    def finish_batch(self, hidden: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+        """A batch's [inputs, width, hidden] output, each input valid on its first `positions[i]` rows -> one
+        array per input (little-endian, C order). Pooling, normalising and casting run on the batch at once."""
         h = np.asarray(hidden, dtype=np.float32)
+        if self.pooling == "none":
+            return [self._finish(h[i, :n]) for i, n in enumerate(positions)]
         if self.pooling == "mean":
-            h = h.mean(axis=0, dtype=np.float64).astype(np.float32)
-        elif self.pooling == "cls":
-            h = h[0]
+            counts = np.maximum(positions, 1)[:, None]
+            weights = (np.arange(h.shape[1]) < counts).astype(np.float32) / counts
+            pooled = np.matmul(weights[:, None, :], h)[:, 0]  # [inputs, hidden]: padded rows weigh 0
+        else:
+            pooled = h[:, 0]
+        return list(self._finish(pooled))  # rows of one C-order array: each is C order itself
+
+    def _finish(self, h: np.ndarray) -> np.ndarray:
         if self.normalize:
             norm = np.linalg.norm(h, axis=-1, keepdims=True)
             h = h / np.maximum(norm, 1e-12)
-        return h.astype(self.dtype)
+        return np.ascontiguousarray(h, dtype=self.dtype)
 
 
 def output_options(model: Model, options: EmbedOptions) -> OutputOptions:

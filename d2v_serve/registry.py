@@ -108,11 +108,31 @@ def model_files(directory: Path) -> list[Path]:
     return files
 
 
-def batch_policy(config: ServerConfig, modality: str, preprocessing: Preprocessing, max_tokens: int,
+CPU_FILL_POSITIONS = 256  # on CPU a base model runs batch 1 as fast per input as batch 32 beyond ~this many
+_DEFAULT_PATCH_SIZE = 16  # image model files do not record it; every preset uses 16
+
+
+def units_per_position(meta: dict[str, Any]) -> int:
+    """Batch cost units (tokens, audio samples, image pixels) per output position (token, frame, patch)."""
+    if meta["modality"] == "audio":
+        return int(np.prod([stride for _dim, _kernel, stride in meta["conv_layers"]]))
+    if meta["modality"] == "image":
+        return int(meta.get("patch_size", _DEFAULT_PATCH_SIZE)) ** 2
+    return 1
+
+
+def batch_policy(config: ServerConfig, meta: dict[str, Any], preprocessing: Preprocessing, max_tokens: int,
                  on_cuda: bool) -> BatchPolicy:
+    modality = meta["modality"]
     buckets = config.length_buckets if config.length_buckets >= 0 else (8 if on_cuda else 0)
+    fill_positions = config.batch_fill_positions
+    if fill_positions < 0:
+        fill_positions = 0 if on_cuda else CPU_FILL_POSITIONS
+    unit = units_per_position(meta)
+    hidden = int(meta.get("hidden_size", 0))
     common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
-                  sort_window=config.sort_window, max_queue=config.max_queue)
+                  sort_window=config.sort_window, max_queue=config.max_queue, max_padding=config.max_padding,
+                  fill=fill_positions * unit, attention_length=6 * hidden * unit)
     if modality == "text":
         return BatchPolicy(budget=config.max_batch_tokens, length_buckets=buckets, max_length=max_tokens, **common)
     if modality == "audio":
@@ -151,7 +171,7 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
         max_tokens = min(preprocessing.max_length, int(meta.get("max_positions") or preprocessing.max_length))
     elif modality == "audio":
         max_samples = int(config.max_audio_seconds * preprocessing.sample_rate)
-    policy = batch_policy(config, modality, preprocessing, max_tokens, runner.on_cuda)
+    policy = batch_policy(config, meta, preprocessing, max_tokens, runner.on_cuda)
     return Model(path.stem, path, meta, preprocessing, runner, policy, max_tokens, max_samples)
 
 

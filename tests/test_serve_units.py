@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
 from d2v_serve.batcher import Batcher, BatchPolicy, Item
 from d2v_serve.client import sniff
 from d2v_serve.config import ServerConfig, parse_config
+from d2v_serve.errors import ServeError
 from d2v_serve.model_file import ModelFileError, read_metadata
 from d2v_serve.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
@@ -36,15 +38,19 @@ class _NoRunner:
     output_names = ["last_hidden_state", "output_mask"]
 
 
-def _batcher(lengths: list[int], **policy: int) -> Batcher:
-    b = Batcher("m", "text", _NoRunner(), BatchPolicy(**{"max_delay_s": 0.0, **policy}))
+def _items(lengths: list[int], deadline: float | None = None) -> list[Item]:
+    return [Item(np.zeros(n, np.int64), n, "last_hidden_state", lambda h: h, deadline) for n in lengths]
+
+
+def _batcher(lengths: list[int], **policy: float) -> Batcher:
+    b = Batcher("m", "text", _NoRunner(), BatchPolicy(**{"max_delay_s": 0.0, "max_padding": 0.5, **policy}))
     b.reserve(len(lengths))
-    b.submit([Item(np.zeros(n, np.int64), n, "last_hidden_state", lambda h: h) for n in lengths])
+    b.submit(_items(lengths))
     return b
 
 
 def _take(b: Batcher) -> list[int]:
-    batch = b._select()
+    batch, _ = b._select()
     b._remove(batch)
     return sorted(it.length for it in batch)
 
@@ -57,7 +63,7 @@ def test_select_groups_similar_lengths_and_always_takes_the_oldest() -> None:
 
 
 def test_select_respects_batch_size_and_budget() -> None:
-    b = _batcher([50, 10, 12, 48, 11], max_batch_size=3, budget=10_000)
+    b = _batcher([50, 10, 12, 48, 11], max_batch_size=3, budget=10_000, max_padding=0.9)
     assert _take(b) == [12, 48, 50]  # the oldest (50) and its nearest neighbours by length
     b = _batcher([100, 100, 100, 100], budget=250)
     assert _take(b) == [100, 100]
@@ -66,18 +72,82 @@ def test_select_respects_batch_size_and_budget() -> None:
 
 
 def test_select_only_looks_within_the_sort_window() -> None:
-    b = _batcher([10, 300, 300, 11], max_batch_size=8, budget=10_000, sort_window=3)
+    b = _batcher([10, 300, 300, 11], max_batch_size=8, budget=10_000, sort_window=3, max_padding=0.99)
     assert _take(b) == [10, 300, 300]
 
 
-def test_padded_length_buckets_and_caps() -> None:
-    assert [BatchPolicy().padded(n) for n in (1, 13, 999)] == [1, 13, 999]  # exact by default
-    p = BatchPolicy(length_buckets=8, max_length=140)
-    assert [p.padded(n) for n in (1, 12, 16, 17, 33, 130, 139)] == [1, 12, 16, 18, 36, 140, 140]
-    lengths = range(1, 100_000)
-    audio = BatchPolicy(length_buckets=8)
-    assert max(audio.padded(n) / n for n in lengths) <= 1 + 1 / 8
-    assert len({audio.padded(n) for n in lengths}) < 150  # shapes grow with log(length)
+def test_padding_cap_holds_for_every_batch_and_the_oldest_is_always_served() -> None:
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(8_000, 160_000, size=300)]  # 0.5-10 s of 16 kHz audio
+    policy = dict(max_batch_size=64, budget=240 * 16000, max_padding=0.1, attention_length=6 * 768 * 320)
+    b = _batcher(lengths, **policy)
+    sizes = []
+    while b._queue:
+        oldest = b._queue[0]
+        batch, _ = b._select()
+        assert oldest in batch
+        got = [it.length for it in batch]
+        p = b.policy
+        assert p.padding(len(got), max(got), sum(p.work(n) for n in got)) <= 0.1 + 1e-9
+        positions = 1 - sum(got) / (len(got) * max(got))  # what the server's padded-fraction metric counts
+        assert positions <= 0.1 + 1e-9
+        b._remove(batch)
+        sizes.append(len(batch))
+    assert max(sizes) > 4  # the cap still lets close neighbours batch together
+
+
+def test_long_inputs_are_not_starved_by_a_stream_of_short_ones() -> None:
+    b = _batcher([20] * 8 + [400] + [20] * 8, max_batch_size=4, budget=10_000, max_padding=0.1)
+    batches = []
+    while len(batches) < 10 and [400] not in batches:
+        batches.append(_take(b))
+        b.reserve(4)
+        b.submit(_items([20] * 4))  # short inputs keep arriving as fast as they are served
+    assert batches == [[20] * 4, [20] * 4, [400]]  # served as soon as it is the oldest, alone (padding cap)
+
+
+def test_cost_counts_attention_and_the_fill_target_stops_growth() -> None:
+    p = BatchPolicy(attention_length=1000)
+    assert p.work(100) == pytest.approx(110) and p.work(1000) == pytest.approx(2000)
+    assert p.cost(4, 1000) == pytest.approx(8000)
+    b = _batcher([100] * 10, max_batch_size=64, budget=10_000, fill=450)
+    batch, full = b._select()
+    assert len(batch) == 4 and full  # 5 x 100 > 450: not even a twin fits
+    b = _batcher([100] * 3, max_batch_size=64, budget=10_000, fill=450)
+    batch, full = b._select()
+    assert len(batch) == 3 and not full  # room for one more
+
+
+def test_deadlines_are_dropped_at_dequeue() -> None:
+    b = _batcher([10])
+    b.reserve(1)
+    late = _items([10], deadline=time.monotonic() - 1)[0]
+    b.submit([late])
+    batch = b._next_batch()
+    assert [it.length for it in batch] == [10] and late not in batch
+    with pytest.raises(ServeError, match="deadline passed"):
+        late.future.result(0)
+    assert b.depth == 0
+
+
+def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
+    b = _batcher([12] * 4, max_batch_size=16, budget=10_000, max_delay_s=0.002)
+    now = b._queue[0].enqueued
+    assert b._wait_for_more(False, now) == 0  # nothing expected (a lone client, open loop): run now
+    b._returning, b._free_since = 12, now + 0.001  # the last batch answered 12 closed-loop clients
+    assert b._wait_for_more(False, now + 0.001) == pytest.approx(0.002)  # a full batch's worth comes back
+    assert b._wait_for_more(True, now + 0.001) == 0  # a full batch never waits
+    b.reserve(12)  # they arrive (admitted, being preprocessed): still on their way
+    assert b._returning == 0 and b._wait_for_more(False, now + 0.002) > 0
+    assert b._wait_for_more(False, now + 0.0031) == 0  # the delay is over: run what there is
+    b.release(12)
+    b._returning = 5
+    b.reserve(12)
+    b.submit(_items([12] * 12))
+    assert b._wait_for_more(False, now + 0.002) == 0  # the queue holds a full batch's worth
+    b._remove(b._queue[4:])
+    b._returning = 3
+    assert b._wait_for_more(False, now + 0.01) == 0 and b._returning == 0  # late: they are no longer expected
 
 
 def test_queue_bound_counts_reserved_inputs() -> None:
