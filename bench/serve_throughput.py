@@ -1,14 +1,19 @@
-"""Throughput of the d2v server against raw ONNX Runtime at the same batch size, in one run (not a test).
+"""Throughput of the d2v server at concurrency 1 and N against raw ONNX Runtime at its best batch, in one run.
 
-    .venv/bin/python bench/serve_throughput.py                      # random base text + audio models, built once
+    .venv/bin/python bench/serve_throughput.py                      # random base models, built once
+    .venv/bin/python bench/serve_throughput.py --workloads mixed --server-cpus 0 --threads 1
     .venv/bin/python bench/serve_throughput.py --models DIR --text-model NAME --audio-model NAME
 
-For each workload (short text ~12 tokens, long text ~128 tokens, audio clips) it starts the real `d2v-serve` with
-just that model, drives it with --concurrency closed-loop clients (one input per call, each its own channel) for
---duration seconds, then runs the same model file in-process with the same session settings on batches of the
-same inputs: at batch = concurrency and at the server's mean batch size. The server's rate is taken between two
-batch completions (its /metrics), the runtime's over whole runs. Server and runtime never run at once; the sides
-alternate for --rounds rounds and the best of each is reported (a shared machine only ever slows one down).
+Workloads: short (text, ~12 tokens), long (text, ~128 tokens), audio (--audio-seconds clips), mixed (audio clips of
+uniform 0.5-10 s), short-int8 (short text on the int8 export, --int8-model). For each, it starts the real `d2v-serve`
+with just that model (pinned to --server-cpus with taskset when given), drives it with closed-loop clients (one input
+per call, each its own channel, every input distinct) at concurrency 1 and --concurrency for --duration seconds each,
+then runs the same model file in a fresh process with the same session settings on batches of the same prepared
+inputs, at each batch size of --ort-batches (mixed audio: length-sorted batches, as a careful user would). The
+server's rate is taken between two batch completions (its /metrics); from the same scrape come its batch-size
+histogram, padded fraction (d2v_batch_positions_total) and session busy fraction (d2v_session_busy_seconds_total);
+latency percentiles are the clients' own. Server and runtime never run at once; the sides alternate for --rounds
+rounds and the best of each is reported (a shared machine only ever slows one down).
 """
 
 from __future__ import annotations
@@ -94,9 +99,12 @@ def texts_of(meta: dict, tokens: int, n: int, seed: int) -> list[str]:
     return out
 
 
-def clips_of(seconds: float, n: int, seed: int, rate: int = 16000) -> list[Pcm]:
+def clips_of(seconds: float | tuple[float, float], n: int, seed: int, rate: int = 16000) -> list[Pcm]:
+    """n noise clips of `seconds`, or of lengths drawn uniformly from a (low, high) range."""
     rng = np.random.default_rng(seed)
-    return [Pcm((0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32), rate) for _ in range(n)]
+    low, high = seconds if isinstance(seconds, tuple) else (seconds, seconds)
+    return [Pcm((0.1 * rng.standard_normal(int(rng.uniform(low, high) * rate))).astype(np.float32), rate)
+            for _ in range(n)]
 
 
 def prepared(meta: dict, inputs: list) -> list[np.ndarray]:
@@ -115,26 +123,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batches(port: int, name: str) -> tuple[float, float]:
-    """(batches run, items run) by the server's model `name`, from one scrape of /metrics."""
+def scrape(port: int, name: str) -> dict[str, float]:
+    """The batcher's counters for model `name` from one scrape of /metrics: batches, items, batch-size bucket
+    counts (cumulative, by upper bound), valid and padded positions, busy seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in body.splitlines():
-        for key in ("count", "sum"):
-            if line.startswith(f'd2v_batch_size_{key}{{model="{name}"}}'):
-                values[key] = float(line.split()[-1])
-    return values.get("count", 0.0), values.get("sum", 0.0)
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.labels.get("model") != name:
+                continue
+            if sample.name == "d2v_batch_size_count":
+                out["batches"] = sample.value
+            elif sample.name == "d2v_batch_size_sum":
+                out["items"] = sample.value
+            elif sample.name == "d2v_batch_size_bucket":
+                out[f"le:{sample.labels['le']}"] = sample.value
+            elif sample.name == "d2v_batch_positions_total":
+                out[sample.labels["kind"]] = sample.value
+            elif sample.name == "d2v_session_busy_seconds_total":
+                out["busy"] = sample.value
+    return out
+
+
+def _batch_edge(port: int, name: str, poll_s: float = 0.02) -> tuple[float, dict[str, float]]:
+    """Wait for the next completed batch: (time, counters)."""
+    count = scrape(port, name).get("batches", 0.0)
+    while True:
+        time.sleep(poll_s)
+        now, counters = time.monotonic(), scrape(port, name)
+        if counters.get("batches", 0.0) != count:
+            return now, counters
+
+
+def _histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Batches per batch-size bucket between two scrapes, e.g. {"1": 3, "2-2": 0, "3-3": 5, "4-4": 1, "5-6": 2}."""
+    bounds = sorted((float(k[3:]), k) for k in after if k.startswith("le:") and k != "le:+Inf")
+    out, below, low = {}, 0.0, 1
+    for bound, key in bounds:
+        cumulative = after[key] - before.get(key, 0.0)
+        if cumulative - below:
+            out[str(int(bound)) if low == int(bound) else f"{low}-{int(bound)}"] = int(cumulative - below)
+        below, low = cumulative, int(bound) + 1
+    return out
 
 
 def measure_server(model_file: Path, inputs: list, concurrency: int, duration: float, min_items: int,
-                   extra: list[str]) -> dict:
+                   extra: list[str], cpus: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / model_file.name).symlink_to(model_file.resolve())
         port, metrics_port = _free_port(), _free_port()
         cmd = [str(Path(sys.executable).with_name("d2v-serve")), "--models", tmp, "--port", str(port),
                "--host", "127.0.0.1", "--metrics-port", str(metrics_port), "--log-level", "warning", *extra]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen((["taskset", "-c", cpus] if cpus else []) + cmd)
         target, name = f"127.0.0.1:{port}", model_file.stem
+        latencies: list[tuple[float, float]] = []  # (end time, seconds) of every call
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -153,7 +197,10 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
                 with Client(target, timeout=600) as c:
                     i = k
                     while not stop.is_set():
+                        t = time.monotonic()
                         c.embed(inputs[i % len(inputs)], name)
+                        end = time.monotonic()
+                        latencies.append((end, end - t))
                         i += concurrency
 
             threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(concurrency)]
@@ -162,11 +209,11 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
             time.sleep(min(5.0, duration / 3))  # ramp up
             # The window runs from the end of one batch to the end of another (seen in the server's batch
             # counters): whole batches only, so the rate has no quantization bias even with few, slow batches.
-            t0, c0, s0 = _batch_edge(metrics_port, name)
+            t0, m0 = _batch_edge(metrics_port, name)
             time.sleep(max(0.0, duration - 0.5))
             while True:
-                t1, c1, s1 = _batch_edge(metrics_port, name)
-                if t1 - t0 >= duration and s1 - s0 >= min_items:
+                t1, m1 = _batch_edge(metrics_port, name)
+                if t1 - t0 >= duration and m1["items"] - m0["items"] >= min_items:
                     break
             stop.set()
             for t in threads:
@@ -174,17 +221,14 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    return {"items_per_s": (s1 - s0) / (t1 - t0), "mean_batch": (s1 - s0) / (c1 - c0)}
-
-
-def _batch_edge(port: int, name: str, poll_s: float = 0.02) -> tuple[float, float, float]:
-    """Wait for the next completed batch: (time, batches so far, items so far)."""
-    count, _ = _batches(port, name)
-    while True:
-        time.sleep(poll_s)
-        now, (new, items) = time.monotonic(), _batches(port, name)
-        if new != count:
-            return now, new, items
+    items, batches = m1["items"] - m0["items"], m1["batches"] - m0["batches"]
+    valid, padded = m1.get("valid", 0) - m0.get("valid", 0), m1.get("padded", 0) - m0.get("padded", 0)
+    window = np.array([s for end, s in latencies if t0 <= end <= t1]) * 1000
+    return {"items_per_s": items / (t1 - t0), "mean_batch": items / batches, "batches": _histogram(m0, m1),
+            "padded_fraction": padded / max(1.0, valid + padded),
+            "busy_fraction": (m1.get("busy", 0) - m0.get("busy", 0)) / (t1 - t0),
+            "p50_ms": float(np.percentile(window, 50)) if window.size else None,
+            "p99_ms": float(np.percentile(window, 99)) if window.size else None}
 
 
 # ---- raw ONNX Runtime ---------------------------------------------------------------------------------------
@@ -192,18 +236,21 @@ def _batch_edge(port: int, name: str, poll_s: float = 0.02) -> tuple[float, floa
 
 def measure_runtime(model_file: Path, items: list[np.ndarray], batch: int, duration: float, min_items: int,
                     threads: int) -> float:
-    """Items/s of the model file run in this process on batches of `batch` prepared items."""
+    """Items/s of the model file run in this process on batches of `batch` prepared items, each batch of inputs
+    of neighbouring lengths (sorted), as a careful user with all inputs at hand would batch them."""
     meta = read_metadata(model_file)
     settings = runtime_settings(ServerConfig(intra_op_threads=threads), 1)
     runner = Runner(create_session(str(model_file), settings))
     pad_id = meta["preprocessing"].get("pad_id", 1)
-    batches = [collate(meta["modality"], [items[(i * batch + j) % len(items)] for j in range(batch)], pad_id)
-               for i in range(max(1, len(items) // batch))]
+    ordered = sorted(items, key=len)
+    batches = [collate(meta["modality"], ordered[i: i + batch], pad_id)
+               for i in range(0, len(ordered) - batch + 1, batch)]
     outputs = ["last_hidden_state", "output_mask"]
     runner.run(batches[0], outputs)  # warm-up
+    order = np.random.default_rng(0).permutation(len(batches))
     done, start, i = 0, time.monotonic(), 0
     while time.monotonic() - start < duration or done < min_items:
-        runner.run(batches[i % len(batches)], outputs)
+        runner.run(batches[order[i % len(batches)]], outputs)
         done += batch
         i += 1
     return done / (time.monotonic() - start)
@@ -219,6 +266,15 @@ def measure_runtime_fresh(*args: object) -> float:
         return pool.submit(measure_runtime, *args).result()
 
 
+WORKLOADS = {  # name: (model argument, inputs, raw ORT batch sizes to try)
+    "short": ("text_model", ("text", 12), (1, 16)),
+    "long": ("text_model", ("text", 128), (1, 8)),
+    "audio": ("audio_model", ("audio", None), (1, 4)),
+    "mixed": ("audio_model", ("audio", (0.5, 10.0)), (1, 4)),
+    "short-int8": ("int8_model", ("text", 12), (1, 16)),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, help="directory with the model files (default: build random ones)")
@@ -226,14 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
     p.add_argument("--text-model", default="text")
     p.add_argument("--audio-model", default="audio")
-    p.add_argument("--workloads", default="short,long,audio")
+    p.add_argument("--int8-model", default="text-int8", help="int8 export of the text model (built if missing)")
+    p.add_argument("--workloads", default="short,long,audio,mixed,short-int8")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per workload and side")
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurements per side; best reported")
-    p.add_argument("--min-batches", type=int, default=4,
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per workload, side and level")
+    p.add_argument("--rounds", type=int, default=1, help="alternating measurements per side; best reported")
+    p.add_argument("--min-batches", type=int, default=2,
                    help="measure at least this many x concurrency items per side (slow models)")
     p.add_argument("--audio-seconds", type=float, default=2.0)
+    p.add_argument("--ort-batches", default="", help="raw ORT batch sizes, e.g. '1,16' (default: per workload)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all cores), both sides")
+    p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. '0'")
     p.add_argument("--server-args", default="", help="extra d2v-serve flags, e.g. '--max-delay-ms 5'")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -243,42 +302,55 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     rows = []
     for workload in args.workloads.split(","):
-        name = args.audio_model if workload == "audio" else args.text_model
+        model_arg, (modality, size), ort_batches = WORKLOADS[workload]
+        name = getattr(args, model_arg)
         model_file = models / f"{name}.onnx"
+        if workload == "short-int8" and not model_file.exists() and not args.models:
+            subprocess.run([str(Path(sys.executable).with_name("d2v-export")), str(args.work_dir /
+                            f"text-{args.preset}.pt"), "-o", str(model_file), "--int8", "-q"], check=True)
         meta = read_metadata(model_file)
         n = max(4 * args.concurrency, 64)
-        if workload == "audio":
-            inputs = clips_of(args.audio_seconds, n, seed=1)
+        if modality == "audio":
+            inputs = clips_of(size or args.audio_seconds, n, seed=1)
         else:
-            inputs = texts_of(meta, 12 if workload == "short" else 128, n, seed=0 if workload == "short" else 1)
-        min_items = args.min_batches * args.concurrency
+            inputs = texts_of(meta, size, n, seed=0 if size == 12 else 1)
         items = prepared(meta, inputs)
-        server_runs, at_n_runs, at_mean_runs, mean_batches = [], [], [], []
+        sizes = [int(b) for b in args.ort_batches.split(",")] if args.ort_batches else list(ort_batches)
+        min_items = args.min_batches * args.concurrency
+        server: dict[int, list[dict]] = {1: [], args.concurrency: []}
+        ort: dict[int, list[float]] = {b: [] for b in sizes}
         for _ in range(args.rounds):  # alternate the sides; the best of each is reported (noise only slows down)
-            server = measure_server(model_file, inputs, args.concurrency, args.duration, min_items, extra)
-            server_runs.append(server["items_per_s"])
-            mean_batches.append(server["mean_batch"])
-            at_n_runs.append(measure_runtime_fresh(model_file, items, args.concurrency, args.duration, min_items,
-                                                   threads))
-            mean_b = max(1, round(mean_batches[0]))
-            at_mean_runs.append(at_n_runs[-1] if mean_b == args.concurrency else measure_runtime_fresh(
-                model_file, items, mean_b, args.duration, min_items, threads))
+            for level in server:
+                server[level].append(measure_server(model_file, inputs, level, args.duration,
+                                                    min(min_items, 4 * level), extra, args.server_cpus))
+            for b in sizes:
+                ort[b].append(measure_runtime_fresh(model_file, items, b, args.duration, min_items, threads))
+        best = {level: max(runs, key=lambda r: r["items_per_s"]) for level, runs in server.items()}
+        ort_best = {b: max(v) for b, v in ort.items()}
+        top_b = max(ort_best, key=ort_best.get)
+        cn, c1 = best[args.concurrency], best[1]
         row = {"workload": workload, "model": name, "concurrency": args.concurrency,
-               "server_items_per_s": round(max(server_runs), 1),
-               "server_mean_batch": round(float(np.mean(mean_batches)), 1),
-               f"ort_items_per_s_b{args.concurrency}": round(max(at_n_runs), 1),
-               "ort_items_per_s_at_server_batch": round(max(at_mean_runs), 1),
-               "server_over_ort": round(max(server_runs) / max(at_n_runs), 2),
-               "runs": {"server": [round(x, 1) for x in server_runs], "ort_n": [round(x, 1) for x in at_n_runs],
-                        "ort_mean": [round(x, 1) for x in at_mean_runs]}}
+               "server_cN_items_per_s": round(cn["items_per_s"], 2), "server_c1_items_per_s":
+               round(c1["items_per_s"], 2), "ort_best_items_per_s": round(ort_best[top_b], 2), "ort_best_batch": top_b,
+               "cN_over_c1": round(cn["items_per_s"] / c1["items_per_s"], 3),
+               "cN_over_ort": round(cn["items_per_s"] / ort_best[top_b], 3),
+               "cN_mean_batch": round(cn["mean_batch"], 1), "cN_batch_histogram": cn["batches"],
+               "cN_padded_fraction": round(cn["padded_fraction"], 3), "cN_busy_fraction": round(cn["busy_fraction"], 3),
+               "cN_p50_ms": cn["p50_ms"], "cN_p99_ms": cn["p99_ms"], "c1_p50_ms": c1["p50_ms"],
+               "ort_items_per_s": {b: round(v, 2) for b, v in ort_best.items()},
+               "runs": {"server": {lv: [round(r["items_per_s"], 2) for r in runs] for lv, runs in server.items()},
+                        "ort": {b: [round(x, 2) for x in v] for b, v in ort.items()}}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    print(f"{'workload':9} {'server/s':>9} {'mean batch':>10} {'ORT/s @N':>9} {'ORT/s @mean':>11} {'ratio':>6}")
+    print(f"{'workload':11} {'c' + str(args.concurrency) + '/s':>8} {'c1/s':>8} {'ORT best/s':>12} {'cN/c1':>6} "
+          f"{'cN/ORT':>7} {'pad':>5} {'busy':>5} {'p99 ms':>8}  batch sizes (batches)")
     for r in rows:
-        print(f"{r['workload']:9} {r['server_items_per_s']:9.1f} {r['server_mean_batch']:10.1f} "
-              f"{r[f'ort_items_per_s_b{args.concurrency}']:9.1f} {r['ort_items_per_s_at_server_batch']:11.1f} "
-              f"{r['server_over_ort']:6.2f}")
+        hist = " ".join(f"{k}:{v}" for k, v in r["cN_batch_histogram"].items())
+        print(f"{r['workload']:11} {r['server_cN_items_per_s']:8.2f} {r['server_c1_items_per_s']:8.2f} "
+              f"{r['ort_best_items_per_s']:8.2f} b{r['ort_best_batch']:<3} {r['cN_over_c1']:6.2f} "
+              f"{r['cN_over_ort']:7.2f} {r['cN_padded_fraction']:5.2f} {r['cN_busy_fraction']:5.2f} "
+              f"{r['cN_p99_ms'] or 0:8.0f}  {hist}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -39,18 +39,20 @@ class ServerConfig:
     warmup: bool = field(default=True, metadata={"help": "run each model on a few batch shapes before serving"})
     # batching
     max_batch_size: int = field(default=64, metadata={"help": "most inputs in one model run"})
-    max_batch_tokens: int = field(default=16384, metadata={"help": "text: padded tokens per batch (n x longest)"})
+    max_batch_tokens: int = field(default=16384, metadata={"help": "text: padded tokens per batch (n x longest, "
+                                                                    "attention's share added for long inputs)"})
     max_batch_audio_seconds: float = field(default=240.0, metadata={"help": "audio: padded seconds per batch"})
     max_batch_pixels: int = field(default=32 * 224 * 224, metadata={"help": "image: pixels per batch"})
     max_delay_ms: float = field(default=2.0, metadata={"help": "a batch that is not full waits at most this long "
                                                                 "for inputs known to be on their way"})
     max_padding: float = field(default=0.10, metadata={"help": "most of a batch's work spent on padding: a "
                                                                 "neighbour joins only while the batch stays within"})
-    batch_fill_positions: int = field(default=-1, metadata={"help": "a batch stops growing at this many positions "
-                                                                     "(tokens, audio frames, image patches); on CPU a "
-                                                                     "base model is compute-bound, so small tight "
-                                                                     "batches lose nothing (0: fill to the budget; "
-                                                                     "-1: 256 on CPU, 0 on CUDA)"})
+    batch_fill_gflop: float = field(default=-1.0, metadata={"help": "a batch stops growing once it computes this "
+                                                                     "many GFLOP: on CPU a base model is "
+                                                                     "compute-bound beyond a few hundred positions, "
+                                                                     "so small tight batches lose nothing (0: fill "
+                                                                     "to the budget; -1: 40 on CPU, about 240 "
+                                                                     "positions of a base model, 0 on CUDA)"})
     sort_window: int = field(default=512, metadata={"help": "queued inputs sorted by length when forming a batch"})
     max_queue: int = field(default=2048, metadata={"help": "inputs admitted per model (preprocessing or queued); "
                                                             "beyond: RESOURCE_EXHAUSTED"})
@@ -93,7 +95,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("length_buckets", "batch_fill_positions"):
+        for name in ("length_buckets", "batch_fill_gflop"):
             if getattr(self, name) < -1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= -1, got {getattr(self, name)}")
         if not 0.0 <= self.max_padding < 1.0:

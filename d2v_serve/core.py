@@ -24,7 +24,7 @@ from . import metrics
 from .batcher import Batcher, Item, ItemResult
 from .config import ServerConfig
 from .errors import ServeError, internal, invalid_argument, not_found, unavailable
-from .inputs import Prepared, check_modality, input_modality, prepare
+from .inputs import Prepared, check_modality, input_modality, prepare, prepare_texts
 from .postprocess import output_options
 from .registry import REPRESENTATIONS, Model
 from .request import EmbedRequest, Input
@@ -235,8 +235,12 @@ class EmbeddingCore:
 
     async def _prepare_all(self, model: Model, inputs: Sequence[Input], truncate: bool) -> list[Prepared]:
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate) for inp in inputs]
-        done = await asyncio.gather(*jobs, return_exceptions=True)
+        if model.modality == "text":  # one job, one encode_batch call for all the texts
+            texts = [inp.value for inp in inputs]
+            done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate)
+        else:
+            jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate) for inp in inputs]
+            done = await asyncio.gather(*jobs, return_exceptions=True)
         for i, result in enumerate(done):
             if isinstance(result, ServeError):
                 raise result.for_input(i)

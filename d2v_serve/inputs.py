@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import failed_precondition, invalid_argument
+from .errors import ServeError, failed_precondition, invalid_argument
 from .preprocess import InputTooLong, PreprocessError, decode_audio, decode_image, pcm_to_waveform
 from .registry import Model
 from .request import Input, Pcm
@@ -56,18 +57,23 @@ def prepare(model: Model, inp: Input, truncate: bool) -> Prepared:
 
 
 def _text(model: Model, text: str, truncate: bool) -> Prepared:
-    truncated = False
-    try:
-        ids = model.preprocessing.prepare(text, truncate=False)
-    except InputTooLong:
-        if not truncate:
-            raise
-        ids, truncated = model.preprocessing.prepare(text, truncate=True), True
-    if len(ids) > model.max_tokens:  # the model has fewer positions than the tokenizer's max_length
-        if not truncate:
-            raise InputTooLong(f"text is {len(ids)} tokens, model {model.name} takes at most {model.max_tokens}")
-        ids, truncated = np.concatenate([ids[: model.max_tokens - 1], ids[-1:]]), True
-    return Prepared(ids, truncated=truncated)
+    result = prepare_texts(model, [text], truncate)[0]
+    if isinstance(result, ServeError):
+        raise result
+    return result
+
+
+def prepare_texts(model: Model, texts: Sequence[str], truncate: bool) -> list[Prepared | ServeError]:
+    """Tokenize a request's texts in one call; each input gets its Prepared, or its ServeError (INVALID_ARGUMENT)."""
+    out: list[Prepared | ServeError] = []
+    for result in model.preprocessing.prepare_batch(texts, truncate, max_length=model.max_tokens):
+        if isinstance(result, InputTooLong):
+            out.append(invalid_argument(f"{result} (set options.truncate to cut it)"))
+        elif isinstance(result, PreprocessError):
+            out.append(invalid_argument(str(result)))
+        else:
+            out.append(Prepared(result[0], truncated=result[1]))
+    return out
 
 
 def _pcm(pcm: Pcm) -> tuple[np.ndarray, int]:

@@ -25,10 +25,6 @@ class OutputOptions:
         """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none), little-endian C order."""
         return self.finish_batch(hidden[None], np.array([len(hidden)]))[0]
 
-    def apply(self, hidden: np.ndarray) -> np.ndarray:
-        """[positions, hidden] -> [hidden] (mean, cls) or [positions, hidden] (none), normalised and cast."""
-        return self(hidden)
-
     def finish_batch(self, hidden: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
         """A batch's [inputs, width, hidden] output, each input valid on its first `positions[i]` rows -> one
         array per input (little-endian, C order). Pooling, normalising and casting run on the batch at once."""

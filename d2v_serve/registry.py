@@ -108,7 +108,7 @@ def model_files(directory: Path) -> list[Path]:
     return files
 
 
-CPU_FILL_POSITIONS = 256  # on CPU a base model runs batch 1 as fast per input as batch 32 beyond ~this many
+CPU_FILL_GFLOP = 40.0  # ~240 positions of a base model: beyond, batch 1 runs as fast per input as batch 32 on CPU
 _DEFAULT_PATCH_SIZE = 16  # image model files do not record it; every preset uses 16
 
 
@@ -121,18 +121,23 @@ def units_per_position(meta: dict[str, Any]) -> int:
     return 1
 
 
+def flop_per_position(meta: dict[str, Any]) -> float:
+    """The Transformer's multiply-adds x 2 per position, attention scores aside: 12 d^2 per layer."""
+    return 24.0 * int(meta["hidden_size"]) ** 2 * int(meta.get("num_layers") or 1)
+
+
 def batch_policy(config: ServerConfig, meta: dict[str, Any], preprocessing: Preprocessing, max_tokens: int,
                  on_cuda: bool) -> BatchPolicy:
     modality = meta["modality"]
     buckets = config.length_buckets if config.length_buckets >= 0 else (8 if on_cuda else 0)
-    fill_positions = config.batch_fill_positions
-    if fill_positions < 0:
-        fill_positions = 0 if on_cuda else CPU_FILL_POSITIONS
+    fill_gflop = config.batch_fill_gflop
+    if fill_gflop < 0:
+        fill_gflop = 0.0 if on_cuda else CPU_FILL_GFLOP
     unit = units_per_position(meta)
-    hidden = int(meta.get("hidden_size", 0))
+    fill = int(fill_gflop * 1e9 / flop_per_position(meta) * unit)
     common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
                   sort_window=config.sort_window, max_queue=config.max_queue, max_padding=config.max_padding,
-                  fill=fill_positions * unit, attention_length=6 * hidden * unit)
+                  fill=fill, attention_length=6 * int(meta["hidden_size"]) * unit)
     if modality == "text":
         return BatchPolicy(budget=config.max_batch_tokens, length_buckets=buckets, max_length=max_tokens, **common)
     if modality == "audio":

@@ -366,6 +366,28 @@ def test_text_errors(text_cfg):
     assert issubclass(InputTooLong, PreprocessError) and issubclass(PreprocessError, ValueError)
 
 
+def test_batch_tokenization_equals_per_item_tokenization(text_cfg):
+    long_text = " ".join(["dataveciptoken speech image"] * 20)
+    texts = [*corpus(40, seed=3), "naïve 日本 🙂", "", long_text, "bad \ud800 text"]
+    short_cfg = dataclasses.replace(text_cfg, max_length=16)
+    for truncate in (True, False):
+        batch = short_cfg.prepare_batch(texts, truncate=truncate)
+        assert len(batch) == len(texts)
+        for text, result in zip(texts, batch, strict=True):
+            try:
+                single = short_cfg.prepare(text, truncate=truncate)
+            except PreprocessError as exc:
+                assert type(result) is type(exc) and str(result) == str(exc)
+                continue
+            ids, truncated = result
+            np.testing.assert_array_equal(ids, single)
+            assert ids.dtype == np.int64 and truncated == (len(text_cfg.prepare(text)) > 16)
+    assert isinstance(short_cfg.prepare_batch(texts, truncate=False)[-2], InputTooLong)
+    assert "cannot tokenize" in str(short_cfg.prepare_batch(texts)[-1])  # one bad text fails only itself
+    lower = text_cfg.prepare_batch(texts[:1], max_length=4)[0]  # the model's own, lower limit
+    assert len(lower[0]) == 4 and lower[1] and lower[0][-1] == text_cfg.eos_id
+
+
 def test_tokenizer_matches_roberta_tokenizer_fast(tmp_path, text_cfg):
     from transformers import RobertaTokenizerFast
 

@@ -20,6 +20,7 @@ from d2v_serve.client import sniff
 from d2v_serve.config import ServerConfig, parse_config
 from d2v_serve.errors import ServeError
 from d2v_serve.model_file import ModelFileError, read_metadata
+from d2v_serve.postprocess import DTYPES, POOLINGS, OutputOptions
 from d2v_serve.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
 
@@ -148,6 +149,46 @@ def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
     b._remove(b._queue[4:])
     b._returning = 3
     assert b._wait_for_more(False, now + 0.01) == 0 and b._returning == 0  # late: they are no longer expected
+
+
+def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
+    from d2v_serve.preprocess import AudioPreprocessing
+    from d2v_serve.registry import batch_policy
+
+    base_text = {"modality": "text", "hidden_size": 768, "num_layers": 12}
+    cpu = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=False)
+    assert 200 <= cpu.fill <= 260 and cpu.limit == cpu.fill and cpu.max_padding == 0.1
+    assert cpu.attention_length == 6 * 768  # attention's work equals the rest at 4608 tokens
+    cuda = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=True)
+    assert cuda.fill == 0 and cuda.limit == cuda.budget == ServerConfig().max_batch_tokens
+    tiny = batch_policy(ServerConfig(), {**base_text, "hidden_size": 64, "num_layers": 4}, None, 512, False)
+    assert tiny.limit == tiny.budget  # an overhead-bound model batches as much as it may
+    conv = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2  # strides multiply to 320 samples per frame
+    audio = {"modality": "audio", "hidden_size": 768, "num_layers": 12, "conv_layers": conv}
+    policy = batch_policy(ServerConfig(max_padding=0.2), audio, AudioPreprocessing(), 0, on_cuda=False)
+    assert 200 * 320 <= policy.fill <= 260 * 320 and policy.max_padding == 0.2  # samples: 320 per frame
+
+
+def test_a_batch_is_pooled_as_each_input_alone() -> None:
+    rng = np.random.default_rng(0)
+    positions = np.array([5, 1, 7, 3])
+    hidden = rng.standard_normal((4, 7, 16)).astype(np.float32)
+    hidden[np.arange(7)[None, :] >= positions[:, None]] = 1e6  # padding never leaks into a result
+    for pooling in POOLINGS:
+        for normalize in (False, True):
+            for dtype in DTYPES.values():
+                options = OutputOptions("last_hidden_state", pooling, normalize, dtype)
+                batch = options.finish_batch(hidden, positions)
+                for i, n in enumerate(positions):
+                    alone = options(hidden[i, :n])
+                    assert batch[i].dtype == alone.dtype == dtype and batch[i].flags.c_contiguous
+                    np.testing.assert_allclose(batch[i].astype(np.float32), alone.astype(np.float32), atol=1e-6)
+                    rows = hidden[i, :n].astype(np.float64)
+                    expected = {"mean": rows.mean(0), "cls": rows[0], "none": rows}[pooling]
+                    if normalize:
+                        expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
+                    np.testing.assert_allclose(alone.astype(np.float64), expected,
+                                               atol=1e-5 if dtype == np.float32 else 2e-3)
 
 
 def test_queue_bound_counts_reserved_inputs() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -79,19 +79,52 @@ class TextPreprocessing:
 
     def prepare(self, text: str, truncate: bool = True) -> np.ndarray:
         """Text -> int64 ids including <s> and </s>; longer than max_length: cut (keeping </s>) or InputTooLong."""
-        if not isinstance(text, str):
-            raise PreprocessError(f"text must be a string, got {type(text).__name__}")
-        if not text:
-            raise PreprocessError("text is empty")
-        try:
-            ids = self.tokenizer.encode(text).ids
-        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the string
-            raise PreprocessError(f"cannot tokenize text: {one_line(exc)}") from None
-        if len(ids) > self.max_length:
-            if not truncate:
-                raise InputTooLong(f"text is {len(ids)} tokens, the model takes at most {self.max_length}")
-            ids = ids[: self.max_length - 1] + [self.eos_id] if ids[-1] == self.eos_id else ids[: self.max_length]
-        return np.asarray(ids, dtype=np.int64)
+        result = self.prepare_batch([text], truncate)[0]
+        if isinstance(result, PreprocessError):
+            raise result
+        return result[0]
+
+    def prepare_batch(self, texts: Sequence[str], truncate: bool = True, max_length: int = 0
+                      ) -> list[tuple[np.ndarray, bool] | PreprocessError]:
+        """Texts -> (ids, truncated) each, as `prepare` gives them, tokenized in one `encode_batch` call (the
+        tokenizers library's own threads, without the GIL). An input that cannot be prepared gets its
+        PreprocessError (InputTooLong: too long without `truncate`) in its place. `max_length`: a lower limit than
+        the tokenizer's (a model with fewer positions)."""
+        limit = min(self.max_length, max_length) if max_length > 0 else self.max_length
+        results: list[tuple[np.ndarray, bool] | PreprocessError | None] = [None] * len(texts)
+        todo = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                results[i] = PreprocessError(f"text must be a string, got {type(text).__name__}")
+            elif not text:
+                results[i] = PreprocessError("text is empty")
+            else:
+                todo.append(i)
+        for i, ids in zip(todo, self._encode([texts[i] for i in todo]), strict=True):
+            results[i] = ids if isinstance(ids, PreprocessError) else self._fit(ids, limit, truncate)
+        return results  # type: ignore[return-value] - every slot is filled
+
+    def _encode(self, texts: list[str]) -> list[list[int] | PreprocessError]:
+        if len(texts) > 1:
+            try:
+                return [e.ids for e in self.tokenizer.encode_batch(texts)]
+            except Exception:  # noqa: BLE001 - one bad text fails the call: find it below, one by one
+                pass
+        out: list[list[int] | PreprocessError] = []
+        for text in texts:
+            try:
+                out.append(self.tokenizer.encode(text).ids)
+            except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the string
+                out.append(PreprocessError(f"cannot tokenize text: {one_line(exc)}"))
+        return out
+
+    def _fit(self, ids: list[int], limit: int, truncate: bool) -> tuple[np.ndarray, bool] | PreprocessError:
+        if len(ids) <= limit:
+            return np.asarray(ids, dtype=np.int64), False
+        if not truncate:
+            return InputTooLong(f"text is {len(ids)} tokens, the model takes at most {limit}")
+        ids = ids[: limit - 1] + [self.eos_id] if ids[-1] == self.eos_id else ids[:limit]
+        return np.asarray(ids, dtype=np.int64), True
 
 
 def _roberta_post_processor(tok: Tokenizer) -> processors.RobertaProcessing:
