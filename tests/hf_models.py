@@ -28,7 +28,8 @@ def write_roberta_tokenizer(directory: Path, vocab_size: int = 300) -> int:
     return tok.get_vocab_size()
 
 
-def hf_audio(directory: Path, **overrides) -> Path:
+def hf_audio(directory: Path, model_class: str = "Data2VecAudioModel", **overrides) -> Path:
+    """`model_class`: the bare model or a task class (Data2VecAudioForCTC, ...), saved as transformers saves it."""
     import transformers as T
 
     values = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -37,7 +38,7 @@ def hf_audio(directory: Path, **overrides) -> Path:
                   mask_time_prob=0.05)
     values.update(overrides)
     torch.manual_seed(0)
-    model = T.Data2VecAudioModel(T.Data2VecAudioConfig(**values)).eval()
+    model = getattr(T, model_class)(T.Data2VecAudioConfig(**values)).eval()
     _randomize_norms(model)
     model.save_pretrained(directory)
     T.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
@@ -45,7 +46,9 @@ def hf_audio(directory: Path, **overrides) -> Path:
     return directory
 
 
-def hf_image(directory: Path, **overrides) -> Path:
+def hf_image(directory: Path, model_class: str = "Data2VecVisionModel", add_pooling_layer: bool | None = True,
+             **overrides) -> Path:
+    """`add_pooling_layer` (bare model only): None leaves transformers' default (no pooler)."""
     import transformers as T
 
     values = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -54,11 +57,13 @@ def hf_image(directory: Path, **overrides) -> Path:
                   use_mask_token=True, layer_norm_eps=1e-12)
     values.update(overrides)
     torch.manual_seed(0)
-    model = T.Data2VecVisionModel(T.Data2VecVisionConfig(**values), add_pooling_layer=True).eval()
+    pooling = {} if add_pooling_layer is None or model_class != "Data2VecVisionModel" else {
+        "add_pooling_layer": add_pooling_layer}
+    model = getattr(T, model_class)(T.Data2VecVisionConfig(**values), **pooling).eval()
     _randomize_norms(model)
     with torch.no_grad():  # random relative position bias, so a wrong index would show
         for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name or "lambda" in name:
+            if "relative_position_bias_table" in name or "lambda" in name or "position_embeddings" in name:
                 p.normal_(0, 0.5)
     model.save_pretrained(directory)
     T.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_mean=[0.5] * 3,
@@ -66,7 +71,7 @@ def hf_image(directory: Path, **overrides) -> Path:
     return directory
 
 
-def hf_text(directory: Path, **overrides) -> Path:
+def hf_text(directory: Path, model_class: str = "Data2VecTextModel", **overrides) -> Path:
     import transformers as T
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +81,7 @@ def hf_text(directory: Path, **overrides) -> Path:
                   bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     values.update(overrides)
     torch.manual_seed(0)
-    model = T.Data2VecTextModel(T.Data2VecTextConfig(**values)).eval()
+    model = getattr(T, model_class)(T.Data2VecTextConfig(**values)).eval()
     _randomize_norms(model)
     model.save_pretrained(directory)
     return directory

@@ -178,11 +178,16 @@ def test_int8_quantizes_matmuls_and_stays_close(int8, checkpoints, modality):
 # ---- published (transformers) models ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("builder", [hf_audio, hf_image], ids=["audio", "image"])
-def test_imported_transformers_model_exports(tmp_path, builder):
+@pytest.mark.parametrize(("builder", "overrides"), [
+    (hf_audio, {}), (hf_image, {}),
+    # the optional image pieces in the graph: absolute positions, shared + per-layer bias, no layer scale, tanh GELU
+    (hf_image, {"use_absolute_position_embeddings": True, "use_relative_position_bias": True,
+                "layer_scale_init_value": 0.0, "hidden_act": "gelu_new"}),
+], ids=["audio", "image", "image-options"])
+def test_imported_transformers_model_exports(tmp_path, builder, overrides):
     import transformers as T
 
-    hf_dir = builder(tmp_path / "hf")
+    hf_dir = builder(tmp_path / "hf", **overrides)
     ckpt, _ = import_hf(hf_dir)
     ckpt_path = save_checkpoint(tmp_path / "imported.pt", ckpt)
     report = export_model(ckpt_path, tmp_path / "imported.onnx")

@@ -1,8 +1,9 @@
 """Published (transformers) parameter names -> ours, one table per modality. `{i}` is a layer index.
 
 Keys in `OPTIONAL` may be absent from a published checkpoint (their presence depends on its config); then our
-freshly initialised value stays. Keys under `HEAD_PREFIXES` belong to task heads (CTC, classification, MLM) that an
-encoder does not use: they are dropped and reported. Anything else unmatched is an error.
+freshly initialised value stays. Task heads (CTC, classification, MLM, ...) are dropped and reported: in a model
+saved from a ...For<Task> class, every key outside `MODEL_PREFIXES`; in a bare model, keys under `HEAD_PREFIXES`
+(e.g. the text pooler's dense layer, which an encoder does not use). Anything else unmatched is an error.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ AUDIO = {
 IMAGE = {
     "embeddings.cls_token": "cls_token",
     "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection": "patch_embed",
     "encoder.relative_position_bias.relative_position_bias_table": "transformer.rel_pos_bias.table",
     "encoder.layer.{i}.attention.attention.query": "transformer.layers.{i}.attn.q",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from d2v_serve.console import add_version
 from .checkpoint import CheckpointError, load_encoder, make_checkpoint, save_checkpoint
 from .hf_keys import DERIVED_SUFFIXES, HEAD_PREFIXES, MODEL_PREFIXES, OPTIONAL, map_key
 from .models import EncoderConfig, build_encoder
-from .models.config import TOP_K_OF_12
+from .models.config import ACTIVATION_NAMES, TOP_K_OF_12
 
 MODEL_TYPES = {"data2vec-audio": "audio", "data2vec-vision": "image", "data2vec-text": "text"}
 
@@ -41,15 +42,17 @@ def _top_k(modality: str, num_layers: int) -> int:
     return k if num_layers >= 12 else max(1, round(k * num_layers / 12))
 
 
-def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
+def encoder_config_from_hf(hf: dict[str, Any], weight_names: Iterable[str] | None = None) -> EncoderConfig:
+    """Our config for a transformers config.json. `weight_names` (the checkpoint's keys) settles what the config
+    does not say: whether an image model was saved with its pooler (a constructor argument in transformers)."""
     modality = MODEL_TYPES.get(hf.get("model_type", ""))
     if modality is None:
         raise HFImportError(f"config.json model_type {hf.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}")
+    _require(hf, "hidden_act", ACTIVATION_NAMES)
     common = dict(
         hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        ffn_size=hf["intermediate_size"], layer_norm_eps=hf["layer_norm_eps"],
+        ffn_size=hf["intermediate_size"], layer_norm_eps=hf["layer_norm_eps"], activation=hf.get("hidden_act", "gelu"),
     )
-    _require(hf, "hidden_act", ("gelu",))
     if modality == "audio":
         _require(hf, "feat_extract_activation", ("gelu",))
         _require(hf, "feat_extract_norm", ("layer",))
@@ -67,15 +70,10 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
             target_layers=_top_k("audio", hf["num_hidden_layers"]),
         )
     if modality == "image":
-        if hf.get("use_absolute_position_embeddings"):
-            raise HFImportError("config.json uses absolute position embeddings; data2vec vision models use relative "
-                               "position bias and d2v supports only that")
-        if hf.get("use_shared_relative_position_bias"):
-            rel = "shared"
-        elif hf.get("use_relative_position_bias"):
-            rel = "per_layer"
-        else:
-            rel = "none"
+        shared, per_layer = hf.get("use_shared_relative_position_bias"), hf.get("use_relative_position_bias")
+        rel = "both" if shared and per_layer else "shared" if shared else "per_layer" if per_layer else "none"
+        mean_pooling = hf.get("use_mean_pooling", True)
+        pool_norm = weight_names is None or any(n.endswith("pooler.layernorm.weight") for n in weight_names)
         image_size = hf.get("image_size", 224)
         if isinstance(image_size, list | tuple):
             if len(set(image_size)) != 1:
@@ -86,10 +84,13 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
             dropout=hf.get("hidden_dropout_prob", 0.0), attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
             drop_path=hf.get("drop_path_rate", 0.0), image_size=image_size, patch_size=hf["patch_size"],
             num_channels=hf.get("num_channels", 3), layer_scale_init=hf.get("layer_scale_init_value", 0.1),
-            rel_pos_bias=rel, mean_pooling=hf.get("use_mean_pooling", True),
+            rel_pos_bias=rel, abs_pos_embed=bool(hf.get("use_absolute_position_embeddings")),
+            mean_pooling=mean_pooling, pool_norm=mean_pooling and pool_norm,
             target_layers=_top_k("image", hf["num_hidden_layers"]),
         )
     _require(hf, "position_embedding_type", ("absolute",))
+    _require(hf, "is_decoder", (False,))  # causal self-attention: a decoder, not an encoder
+    _require(hf, "add_cross_attention", (False,))
     return EncoderConfig.preset("text", "base").replace(
         **common,
         dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
@@ -118,11 +119,13 @@ def map_state_dict(modality: str, theirs: dict[str, torch.Tensor], ours: dict[st
     """Map every published key onto ours. Returns the mapped weights and the task-head keys that were dropped.
     Unknown keys, missing keys and shape mismatches raise, listing every offender."""
     prefix = MODEL_PREFIXES[modality]
+    # Saved from a ...For<Task> class, the encoder sits under the prefix and everything else is the task's head.
+    with_head = any(key.startswith(prefix) for key in theirs)
     mapped: dict[str, torch.Tensor] = {}
     dropped, unknown, mismatched = [], [], []
     for key, value in theirs.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
-        if name.startswith(HEAD_PREFIXES) or key.startswith(HEAD_PREFIXES):
+        if (with_head and not key.startswith(prefix)) or name.startswith(HEAD_PREFIXES):
             dropped.append(key)
             continue
         if name.endswith(DERIVED_SUFFIXES):
@@ -201,13 +204,14 @@ def import_hf(directory: str | Path) -> tuple[dict[str, Any], list[str]]:
     if not config_file.is_file():
         raise HFImportError(f"{directory}: no config.json")
     hf = _read_json(config_file)
+    weights = read_hf_weights(directory)
     try:
-        cfg = encoder_config_from_hf(hf)
+        cfg = encoder_config_from_hf(hf, weights)
     except KeyError as e:
         raise HFImportError(f"config.json lacks {e}") from None
     encoder = build_encoder(cfg)
     ours = encoder.state_dict()
-    mapped, dropped = map_state_dict(cfg.modality, read_hf_weights(directory), ours)
+    mapped, dropped = map_state_dict(cfg.modality, weights, ours)
     state = {**ours, **mapped}
     ckpt = make_checkpoint(cfg, state, hf_preprocessing(cfg.modality, directory, cfg))
     ckpt["source"] = {"kind": "transformers", "directory": directory.name,

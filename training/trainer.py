@@ -42,7 +42,7 @@ from .schedules import ema_decay, learning_rate
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 _MASK_TAG, _TORCH_TAG = 7, 11  # seed-sequence tags: masks and the dropout generator draw from independent streams
-NO_DECAY = ("cls_token", "mask_token", "mask_embedding", "rel_pos_bias")
+NO_DECAY = ("cls_token", "mask_token", "mask_embedding", "rel_pos_bias", "pos_embed")
 
 
 class CollapseError(RuntimeError):

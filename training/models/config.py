@@ -26,6 +26,7 @@ class EncoderConfig:
     ffn_size: int = 3072
     layer_norm_eps: float = 1e-5
     layer_norm_first: bool = False  # pre-LN blocks (image) or post-LN blocks (audio, text)
+    activation: str = "gelu"  # the FFN's: one of ACTIVATIONS (training/models/transformer.py)
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
@@ -51,8 +52,10 @@ class EncoderConfig:
     patch_size: int = 16
     num_channels: int = 3
     layer_scale_init: float = 0.1  # 0 disables layer scale
-    rel_pos_bias: str = "shared"  # "none", "shared" (one table for all layers) or "per_layer"
-    mean_pooling: bool = False  # True: no final norm; the pooler norms the mean of the patch tokens
+    rel_pos_bias: str = "shared"  # "none", "shared" (one table for all layers), "per_layer" or "both" (summed)
+    abs_pos_embed: bool = False  # learned absolute position embeddings added to CLS + patches (BEiT option)
+    mean_pooling: bool = False  # True: no final norm (identity); pooled output = mean of the patch tokens ...
+    pool_norm: bool = True  # ... layer-normed (False: plain mean, as a transformers model saved without its pooler)
 
     # text front end
     vocab_size: int = 50265
@@ -67,8 +70,10 @@ class EncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if not 1 <= self.target_layers <= self.num_layers:
             raise ValueError(f"target_layers must be in 1..{self.num_layers}, got {self.target_layers}")
-        if self.rel_pos_bias not in ("none", "shared", "per_layer"):
-            raise ValueError(f"rel_pos_bias must be none, shared or per_layer, got {self.rel_pos_bias!r}")
+        if self.rel_pos_bias not in ("none", "shared", "per_layer", "both"):
+            raise ValueError(f"rel_pos_bias must be none, shared, per_layer or both, got {self.rel_pos_bias!r}")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}")
         if self.modality == "image" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         self.conv_layers = [list(map(int, c)) for c in self.conv_layers]
@@ -111,6 +116,8 @@ class EncoderConfig:
 
 
 TOP_K_OF_12 = {"audio": 8, "image": 6, "text": 10}
+# transformers' names (ACT2FN) for the FFN activations d2v implements.
+ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "audio": dict(layer_norm_eps=1e-5, layer_norm_first=False, target_source="ffn", target_norm="instance",

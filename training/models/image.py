@@ -1,4 +1,5 @@
-"""data2vec image front end (a BEiT): patch embedding, CLS token, learned mask token; no absolute positions."""
+"""data2vec image front end (a BEiT): patch embedding, CLS token, learned mask token; absolute positions optional
+(the published models use relative position bias only)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ class ImageEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d)) if cfg.abs_pos_embed else None
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg)
-        # Published pretrained models end with a layer norm; mean-pooling (fine-tuned) ones norm the pooled mean.
+        # Published pretrained models end with a layer norm; mean-pooling (fine-tuned) ones have none (identity) and
+        # may norm the pooled mean instead.
         self.final_norm = nn.Identity() if cfg.mean_pooling else nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.pool_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.mean_pooling else None
+        pool_norm = cfg.mean_pooling and cfg.pool_norm
+        self.pool_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if pool_norm else None
 
     def embed(self, pixel_values: Tensor) -> tuple[Tensor, None]:
         """Pixels [B, C, H, W] -> patch tokens [B, P, D] in row-major grid order."""
@@ -34,7 +38,10 @@ class ImageEncoder(nn.Module):
 
     def encode(self, x: Tensor, valid_mask: Tensor | None = None) -> EncoderOutput:
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        out = self.transformer(self.input_dropout(torch.cat([cls, x], dim=1)), None)
+        x = torch.cat([cls, x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        out = self.transformer(self.input_dropout(x), None)
         out.last_hidden_state = self.final_norm(out.last_hidden_state)
         return out
 
@@ -45,7 +52,9 @@ class ImageEncoder(nn.Module):
         return self.encode(x)
 
     def pooled(self, out: EncoderOutput) -> Tensor:
-        """The published pooler: layer-normed mean of patch tokens, or the CLS token."""
-        if self.pool_norm is not None:
-            return self.pool_norm(out.last_hidden_state[:, 1:].mean(1))
+        """The published pooler: the mean of the patch tokens (layer-normed when the model has that norm), or the
+        CLS token."""
+        if self.cfg.mean_pooling:
+            mean = out.last_hidden_state[:, 1:].mean(1)
+            return mean if self.pool_norm is None else self.pool_norm(mean)
         return out.last_hidden_state[:, 0]

@@ -77,15 +77,24 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu,
+               "silu": F.silu, "swish": F.silu}
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size)
         self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.activation = ACTIVATIONS[cfg.activation]
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+        return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
 
 
 class DropPath(nn.Module):
@@ -107,7 +116,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         image = cfg.modality == "image"
         self.pre_norm = cfg.layer_norm_first
-        self.attn = SelfAttention(cfg, key_bias=not image, rel_pos_bias=cfg.rel_pos_bias == "per_layer")
+        self.attn = SelfAttention(cfg, key_bias=not image, rel_pos_bias=cfg.rel_pos_bias in ("per_layer", "both"))
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -138,7 +147,7 @@ class Transformer(nn.Module):
         self.layerdrop = cfg.layerdrop
         rates = [cfg.drop_path * i / max(1, cfg.num_layers - 1) for i in range(cfg.num_layers)]  # linear decay
         self.layers = nn.ModuleList(TransformerLayer(cfg, r) for r in rates)
-        shared = cfg.modality == "image" and cfg.rel_pos_bias == "shared"
+        shared = cfg.modality == "image" and cfg.rel_pos_bias in ("shared", "both")
         self.rel_pos_bias = RelativePositionBias(cfg.grid_size, cfg.num_heads) if shared else None
 
     def forward(self, x: Tensor, valid_mask: Tensor | None) -> EncoderOutput:
