@@ -27,7 +27,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${PYTHON_IMAGE} AS cpu
 ARG D2V_VERSION=0.1.0
 LABEL org.opencontainers.image.title="d2v-serve" \
-      org.opencontainers.image.description="data2vec contextualized embeddings over gRPC on ONNX Runtime (CPU)" \
+      org.opencontainers.image.description="data2vec contextualized embeddings over gRPC and HTTP/JSON on ONNX Runtime (CPU)" \
       org.opencontainers.image.version="${D2V_VERSION}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="python:3.12.12-slim-bookworm" \
@@ -45,7 +45,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && mkdir -p /models
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-probe", "--timeout", "4"]
 ENTRYPOINT ["/usr/local/lib/d2v/docker-entrypoint.sh"]
@@ -55,7 +55,7 @@ CMD []
 FROM ${CUDA_IMAGE} AS gpu
 ARG D2V_VERSION=0.1.0
 LABEL org.opencontainers.image.title="d2v-serve" \
-      org.opencontainers.image.description="data2vec contextualized embeddings over gRPC on ONNX Runtime (CUDA, CPU fallback)" \
+      org.opencontainers.image.description="data2vec contextualized embeddings over gRPC and HTTP/JSON on ONNX Runtime (CUDA, CPU fallback)" \
       org.opencontainers.image.version="${D2V_VERSION}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04" \
@@ -79,7 +79,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && mkdir -p /models
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-probe", "--timeout", "4"]
 ENTRYPOINT ["/usr/local/lib/d2v/docker-entrypoint.sh"]

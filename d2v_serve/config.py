@@ -26,6 +26,8 @@ class ServerConfig:
                                                        "models)"})
     host: str = field(default="[::]", metadata={"help": "address to bind"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    http_port: int = field(default=8080, metadata={"help": "HTTP/JSON port: OpenAI-compatible /v1/embeddings, "
+                                                            "/v1/embed, /v1/models, /health, /metrics (0: off)"})
     metrics_port: int = field(default=9090, metadata={"help": "Prometheus /metrics port (0: off)"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto (CUDA when it really is active, else CPU), cuda or "
@@ -64,7 +66,10 @@ class ServerConfig:
     max_audio_seconds: float = field(default=120.0, metadata={"help": "longest audio input (longer: "
                                                                        "INVALID_ARGUMENT, or cut with truncate)"})
     stream_window: int = field(default=256, metadata={"help": "EmbedStream requests in flight per stream"})
-    max_message_mb: int = field(default=256, metadata={"help": "largest gRPC message, in MiB, each way"})
+    max_message_mb: int = field(default=256, metadata={"help": "largest gRPC message, in MiB, each way, and largest "
+                                                                "HTTP request body (beyond: 413)"})
+    http_timeout_s: float = field(default=60.0, metadata={"help": "deadline of an HTTP embed call (a client may ask "
+                                                                   "for less with X-D2V-Timeout-S; 0: none)"})
     max_concurrent_rpcs: int = field(default=0, metadata={"help": "RPCs handled at once (0: no limit)"})
     # connections and lifecycle
     keepalive_time_s: float = field(default=60.0, metadata={"help": "server keepalive ping interval"})
@@ -100,8 +105,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= -1, got {getattr(self, name)}")
         if not 0.0 <= self.max_padding < 1.0:
             raise ValueError(f"--max-padding must be in [0, 1), got {self.max_padding}")
-        nonneg = ("port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
-                  "max_delay_ms", "max_concurrent_rpcs", "keepalive_time_s", "keepalive_timeout_s",
+        nonneg = ("port", "http_port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
+                  "http_timeout_s", "max_delay_ms", "max_concurrent_rpcs", "keepalive_time_s", "keepalive_timeout_s",
                   "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s")
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -183,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
     """ServerConfig from flags and D2V_* variables (argparse exits with usage on a bad flag)."""
-    parser = argparse.ArgumentParser(prog="d2v-serve", description="Serve d2v ONNX models over gRPC.")
+    parser = argparse.ArgumentParser(prog="d2v-serve", description="Serve d2v ONNX models over gRPC and HTTP/JSON.")
     add_arguments(parser, env)
     add_version(parser)
     return config_from_args(parser.parse_args(argv))

@@ -1,4 +1,5 @@
-"""The gRPC server: models + batchers + Embedder service + health + reflection + metrics, and its lifecycle."""
+"""The server: models + batchers + the embedding core, served over gRPC (Embedder, health, reflection) and HTTP/JSON,
+plus metrics, and its lifecycle."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from .auth import BearerTokenInterceptor
 from .batcher import Batcher
 from .config import ServerConfig
 from .core import EmbeddingCore
+from .http_api import create_app
+from .http_server import HttpServer
 from .reflection import enable_reflection
 from .registry import Model, load_models
 from .runtime import cpu_cores
@@ -70,9 +73,12 @@ class Server:
         self.models_dir = Path(models_dir)
         self.models: dict[str, Model] = {}
         self.port = 0
+        self.http_port = 0  # 0 while HTTP is off
+        self.serving = False  # what HTTP /health reports; gRPC health says the same
         self.health = health.aio.HealthServicer()
         self.core: EmbeddingCore | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -102,10 +108,15 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
+        if cfg.http_port:
+            self._http = HttpServer(create_app(self.core, cfg, lambda: self.serving), cfg)
+            self.http_port = self._http.port
+            await self._http.start()
         if cfg.metrics_port:
             metrics.serve_metrics(cfg.metrics_port)
-        log.info("listening", extra={"port": self.port, "tls": creds is not None, "auth": bool(interceptors),
-                                     "models": list(self.models), "config": cfg.redacted()})
+        log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": creds is not None,
+                                     "auth": bool(interceptors), "models": list(self.models),
+                                     "config": cfg.redacted()})
 
         for model in self.models.values():
             model.batcher = Batcher(model.name, model.modality, model.runner, model.policy, model.pad_id,
@@ -119,6 +130,7 @@ class Server:
                 raise RuntimeError(f"model {name} failed its warm-up: {' '.join(str(exc).split())[:300]}") from None
         for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
             await self.health.set(name, SERVING)
+        self.serving = True
         log.info("serving", extra={"port": self.port, "startup_s": round(time.monotonic() - started, 3)})
 
     def _on_worker_death(self, name: str, exc: BaseException) -> None:
@@ -128,6 +140,7 @@ class Server:
             asyncio.run_coroutine_threadsafe(self._mark_down(name), self._loop)
 
     async def _mark_down(self, name: str) -> None:
+        self.serving = False
         for service in ["", SERVICE_NAME, model_health_name(name)]:
             await self.health.set(service, NOT_SERVING)
 
@@ -139,13 +152,15 @@ class Server:
         grace = self.config.shutdown_grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         log.info("draining", extra={"grace_s": grace})
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
             self.core.begin_drain()
             if not await self.core.wait_idle(grace):
                 log.warning("grace period over; cancelling calls still in flight")
-        if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        left = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(*([self._server.stop(left)] if self._server is not None else []),
+                             *([self._http.stop(max(1.0, left))] if self._http is not None else []))
         for model in self.models.values():
             if model.batcher is not None:
                 await asyncio.to_thread(model.batcher.close, max(1.0, deadline - time.monotonic()))

@@ -94,7 +94,8 @@ class ServerThread:
     """Runs d2v_serve.server.Server in a background event loop; `port` once started."""
 
     def __init__(self, models_dir: Path, **overrides: Any) -> None:
-        settings = {"port": 0, "host": "127.0.0.1", "metrics_port": 0, "max_delay_ms": 2.0, **overrides}
+        settings = {"port": 0, "host": "127.0.0.1", "http_port": 0, "metrics_port": 0, "max_delay_ms": 2.0,
+                    **overrides}
         self.config = ServerConfig(**settings)
         self.config.validate()
         self.server = Server(self.config, models_dir)
@@ -112,6 +113,11 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}"
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import fields
@@ -135,7 +136,7 @@ def test_runtime_stage(stage: str) -> None:
     pip_runs = [r for r in ops["RUN"] if re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
     assert not pip_runs, "install only through deploy/install-serving.sh, which the tests run"
     assert ops["USER"] == ["10001:10001"], "numeric non-root user, so runAsNonRoot can verify it"
-    assert ops["EXPOSE"] == ["50051 9090"]
+    assert ops["EXPOSE"] == ["50051 8080 9090"]  # gRPC, HTTP, metrics
     assert ops["STOPSIGNAL"] == ["SIGTERM"]
     assert json.loads(ops["ENTRYPOINT"][0]) == ["/usr/local/lib/d2v/docker-entrypoint.sh"]
     health_cmd = ops["HEALTHCHECK"][0]
@@ -290,7 +291,7 @@ def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
     _run([py, "-c", "import onnxruntime as ort; assert 'CPUExecutionProvider' in ort.get_available_providers()"])
-    _run([py, "-c", "import d2v_serve, sys; assert 'torch' not in sys.modules"])
+    _run([py, "-c", "import d2v_serve.server, sys; assert 'torch' not in sys.modules"])  # gRPC and HTTP
 
 
 def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
@@ -354,11 +355,15 @@ def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[
     from d2v_serve.client import Client, EmbedError
 
     venv, _ = serving_venv
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, http_port = ports
     proc = subprocess.Popen([str(venv / "bin/d2v-serve"), "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--http-port", str(http_port), "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with Client(f"127.0.0.1:{port}", timeout=5) as client:
             deadline = time.monotonic() + 120
@@ -371,6 +376,12 @@ def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[
                     time.sleep(0.2)
             assert vector.shape == (64,) and np.isfinite(vector).all()
             assert sorted(m["name"] for m in client.list_models()) == ["demo-audio", "demo-image", "demo-text"]
+        body = json.dumps({"model": "demo-text", "inputs": [{"text": "a sentence for the installed demo model"}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/embed", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            over_http = np.asarray(json.loads(response.read())["embeddings"][0]["tensor"]["data"], np.float32)
+        np.testing.assert_array_equal(over_http, vector)
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
@@ -534,11 +545,11 @@ def _container() -> dict:
 def test_deployment_probes_and_ports() -> None:
     c = _container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert ports == {"grpc": 50051, "http": 8080, "metrics": 9090}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == 50051, probe
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["D2V_PORT"] == "50051" and env["D2V_METRICS_PORT"] == "9090"
+    assert env["D2V_PORT"] == "50051" and env["D2V_METRICS_PORT"] == "9090" and env["D2V_HTTP_PORT"] == "8080"
     annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9090"
 
@@ -577,13 +588,17 @@ def test_deployment_resources_and_security() -> None:
 
 
 def test_services() -> None:
-    grpc_svc, metrics_svc = _docs("service.yaml")
+    grpc_svc, http_svc, metrics_svc = _docs("service.yaml")
     selector = _one("Deployment")["spec"]["selector"]["matchLabels"]
     assert grpc_svc["spec"]["clusterIP"] == "None", "headless, for client-side per-call balancing"
     assert grpc_svc["spec"]["ports"][0]["port"] == 50051 and grpc_svc["spec"]["ports"][0]["appProtocol"] == "grpc"
+    assert http_svc["spec"].get("clusterIP") != "None" and http_svc["spec"]["ports"][0]["appProtocol"] == "http"
     assert metrics_svc["spec"].get("clusterIP") != "None" and metrics_svc["spec"]["ports"][0]["port"] == 9090
-    for svc in (grpc_svc, metrics_svc):
+    container_ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    assert container_ports["http"] == ServerConfig().http_port
+    for svc in (grpc_svc, http_svc, metrics_svc):
         assert svc["spec"]["selector"] == selector
+        assert svc["spec"]["ports"][0]["targetPort"] in container_ports
 
 
 def test_hpa() -> None:

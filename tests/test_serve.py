@@ -581,14 +581,22 @@ def test_metrics_endpoint(text_only: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_path: Path) -> None:
-    """The real d2v-serve process: requests in flight when SIGTERM arrives all complete; exit code 0."""
+    """The real d2v-serve process: gRPC and HTTP requests in flight when SIGTERM arrives all complete; exit code 0."""
     (tmp_path / "text.onnx").symlink_to(models["text"].path)
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     exe = Path(sys.executable).with_name("d2v-serve")
     env = {**os.environ, "D2V_MAX_DELAY_MS": "400", "D2V_METRICS_PORT": "0"}  # env vars configure it too
-    proc = subprocess.Popen([str(exe), "--models", str(tmp_path), "--port", str(port), "--host", "127.0.0.1"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(exe), "--models", str(tmp_path), "--port", str(port), "--host", "127.0.0.1",
+                             "--http-port", str(http_port)], env=env, stderr=subprocess.PIPE, text=True)
     target = f"127.0.0.1:{port}"
+
+    def over_http(text: str) -> np.ndarray:
+        body = json.dumps({"model": "text", "inputs": [{"text": text}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/embed", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return np.asarray(json.loads(response.read())["embeddings"][0]["tensor"]["data"], np.float32)
+
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -599,8 +607,9 @@ def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_pat
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
             time.sleep(0.1)
-        with Client(target) as c, concurrent.futures.ThreadPoolExecutor(12) as pool:
+        with Client(target) as c, concurrent.futures.ThreadPoolExecutor(18) as pool:
             in_flight = [pool.submit(c.embed, TEXTS[i % len(TEXTS)], "text") for i in range(12)]
+            in_flight += [pool.submit(over_http, TEXTS[i % len(TEXTS)]) for i in range(6)]
             time.sleep(0.15)  # they sit in the batcher (max delay 400 ms) when the signal arrives
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=30) for f in in_flight]
