@@ -175,7 +175,8 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
         (Path(tmp) / model_file.name).symlink_to(model_file.resolve())
         port, metrics_port = _free_port(), _free_port()
         cmd = [str(Path(sys.executable).with_name("d2v-serve")), "--models", tmp, "--port", str(port),
-               "--host", "127.0.0.1", "--metrics-port", str(metrics_port), "--log-level", "warning", *extra]
+               "--host", "127.0.0.1", "--http-port", "0", "--metrics-port", str(metrics_port), "--log-level", "warning",
+               *extra]
         proc = subprocess.Popen((["taskset", "-c", cpus] if cpus else []) + cmd)
         target, name = f"127.0.0.1:{port}", model_file.stem
         latencies: list[tuple[float, float]] = []  # (end time, seconds) of every call

@@ -72,7 +72,7 @@ class D2vServer:
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.executable = executable or str(Path(sys.executable).with_name("d2v-serve"))
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.cold_start_s = float("nan")
         self._dir: tempfile.TemporaryDirectory | None = None
@@ -82,6 +82,10 @@ class D2vServer:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
@@ -89,7 +93,8 @@ class D2vServer:
     def command(self) -> list[str]:
         models = self._dir.name if self._dir else "MODELS"
         return [self.executable, "--models", models, "--host", "127.0.0.1", "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port), "--log-level", "warning", *self.extra_args]
+                "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port), "--log-level", "warning",
+                *self.extra_args]
 
     def __enter__(self) -> D2vServer:
         from d2v_serve.client import Client

@@ -276,12 +276,14 @@ def test_full_queue_is_429_and_deadline_504(text_only: Path) -> None:
         url = f"{srv.http_url}/v1/embeddings"
         gate = _gate_model(srv, TEXT_MODEL)
         batcher = srv.server.models[TEXT_MODEL].batcher
-        running = pool.submit(call, url, {"model": TEXT_MODEL, "input": TEXTS})  # held in the model run
+        alike = ["four texts of one length"] * 4  # no padding: the batcher takes them in one batch
+        running = pool.submit(call, url, {"model": TEXT_MODEL, "input": alike})  # held in the model run
         time.sleep(0.3)
-        queued = pool.submit(call, url, {"model": TEXT_MODEL, "input": TEXTS})  # fills the queue behind it
+        queued = pool.submit(call, url, {"model": TEXT_MODEL, "input": alike})  # fills the queue behind it
         deadline = time.monotonic() + 10
         while batcher.depth < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert batcher.depth == 4, "the second call should wait in the queue"
         status, headers, body = call(url, {"model": TEXT_MODEL, "input": "one more"})
         assert status == 429 and headers["retry-after"] == "1" and body["error"]["type"] == "rate_limit_error"
         gate.set()
