@@ -15,6 +15,7 @@ from typing import Any
 from .console import add_version
 
 ENV_PREFIX = "D2V_"
+PILLOW_PIXEL_CAP = 178_956_970  # 2 x PIL.Image.MAX_IMAGE_PIXELS: pillow refuses larger images itself
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -29,6 +30,7 @@ class ServerConfig:
     http_port: int = field(default=8080, metadata={"help": "HTTP/JSON port: OpenAI-compatible /v1/embeddings, "
                                                             "/v1/embed, /v1/models, /health, /metrics (0: off)"})
     metrics_port: int = field(default=9090, metadata={"help": "Prometheus /metrics port (0: off)"})
+    metrics_host: str = field(default="", metadata={"help": "address the /metrics port binds (default: --host)"})
     # runtime
     device: str = field(default="auto", metadata={"help": "auto (CUDA when it really is active, else CPU), cuda or "
                                                            "cpu", "choices": ("auto", "cuda", "cpu")})
@@ -63,14 +65,26 @@ class ServerConfig:
                                                                "number of shapes (0: exact; -1: 8 on CUDA, 0 on CPU)"})
     # request limits
     max_request_inputs: int = field(default=512, metadata={"help": "inputs in one request"})
-    max_audio_seconds: float = field(default=120.0, metadata={"help": "longest audio input (longer: "
-                                                                       "INVALID_ARGUMENT, or cut with truncate)"})
+    max_audio_seconds: float = field(default=120.0, metadata={"help": "longest audio input, from its header before "
+                                                                       "decoding (longer: INVALID_ARGUMENT, or cut "
+                                                                       "with truncate)"})
+    max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest image, width x height from its "
+                                                                         "header before decoding (larger: "
+                                                                         "INVALID_ARGUMENT; pillow caps it at "
+                                                                         f"{PILLOW_PIXEL_CAP})"})
+    max_text_chars: int = field(default=0, metadata={"help": "longest text in characters, checked before "
+                                                              "tokenizing (longer: INVALID_ARGUMENT, or cut with "
+                                                              "truncate; 0: 32 x the model's max tokens)"})
     stream_window: int = field(default=256, metadata={"help": "EmbedStream requests in flight per stream"})
     max_message_mb: int = field(default=256, metadata={"help": "largest gRPC message, in MiB, each way, and largest "
                                                                 "HTTP request body (beyond: 413)"})
     http_timeout_s: float = field(default=60.0, metadata={"help": "deadline of an HTTP embed call (a client may ask "
                                                                    "for less with X-D2V-Timeout-S; 0: none)"})
-    max_concurrent_rpcs: int = field(default=0, metadata={"help": "RPCs handled at once (0: no limit)"})
+    max_concurrent_rpcs: int = field(default=1024, metadata={"help": "RPCs (calls and open streams) handled at "
+                                                                     "once; beyond: RESOURCE_EXHAUSTED (0: no "
+                                                                     "limit)"})
+    max_streams_per_connection: int = field(default=128, metadata={"help": "concurrent HTTP/2 streams one client "
+                                                                            "connection may open"})
     # connections and lifecycle
     keepalive_time_s: float = field(default=60.0, metadata={"help": "server keepalive ping interval"})
     keepalive_timeout_s: float = field(default=20.0, metadata={"help": "keepalive ping ack timeout"})
@@ -96,7 +110,8 @@ class ServerConfig:
         """Raise ValueError (one line) on inconsistent settings."""
         positive = ("max_batch_size", "max_batch_tokens", "max_batch_audio_seconds", "max_batch_pixels",
                     "sort_window", "max_queue", "max_request_inputs",
-                    "max_audio_seconds", "stream_window", "max_message_mb")
+                    "max_audio_seconds", "max_image_pixels", "stream_window", "max_message_mb",
+                    "max_streams_per_connection")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -106,11 +121,15 @@ class ServerConfig:
         if not 0.0 <= self.max_padding < 1.0:
             raise ValueError(f"--max-padding must be in [0, 1), got {self.max_padding}")
         nonneg = ("port", "http_port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
-                  "http_timeout_s", "max_delay_ms", "max_concurrent_rpcs", "keepalive_time_s", "keepalive_timeout_s",
+                  "http_timeout_s", "max_delay_ms", "max_concurrent_rpcs", "max_text_chars", "keepalive_time_s",
+                  "keepalive_timeout_s",
                   "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_image_pixels > PILLOW_PIXEL_CAP:
+            raise ValueError(f"--max-image-pixels must be <= {PILLOW_PIXEL_CAP} (pillow's decompression-bomb limit), "
+                             f"got {self.max_image_pixels}")
         if self.max_request_inputs > self.max_queue:
             raise ValueError(f"--max-request-inputs ({self.max_request_inputs}) cannot exceed --max-queue "
                              f"({self.max_queue})")

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ServeError, failed_precondition, invalid_argument
-from .preprocess import InputTooLong, PreprocessError, decode_audio, decode_image, pcm_to_waveform
+from .preprocess import (
+    InputTooLarge,
+    InputTooLong,
+    PreprocessError,
+    clip_text,
+    decode_audio,
+    decode_image,
+    frame_limit,
+    pcm_to_waveform,
+)
 from .registry import Model
 from .request import Input, Pcm
 
@@ -44,16 +53,24 @@ def prepare(model: Model, inp: Input, truncate: bool) -> Prepared:
         if kind == "text":
             return _text(model, inp.value, truncate)
         if kind == "image":
-            return Prepared(model.preprocessing.prepare(decode_image(_image_bytes(inp.value))))
+            image = decode_image(_image_bytes(inp.value), model.max_image_pixels)
+            return Prepared(model.preprocessing.prepare(image))
         if kind == "audio":
-            waveform, rate = decode_audio(inp.value)
+            waveform, rate = decode_audio(inp.value, model.max_audio_seconds, truncate)
         else:
-            waveform, rate = _pcm(inp.value)
+            waveform, rate = _pcm(inp.value, model.max_audio_seconds, truncate)
         return _audio(model, waveform, rate, truncate)
-    except InputTooLong as exc:
-        raise invalid_argument(f"{exc} (set options.truncate to cut it)") from None
     except PreprocessError as exc:
-        raise invalid_argument(str(exc)) from None
+        raise refusal(exc) from None
+
+
+def refusal(exc: PreprocessError) -> ServeError:
+    """INVALID_ARGUMENT with the reason and, for a limit, what the client or the operator can do about it: the
+    server flag that raises the limit, and truncation where it applies."""
+    remedies = [f"--{exc.limit.replace('_', '-')} raises it"] if isinstance(exc, InputTooLarge) and exc.limit else []
+    if isinstance(exc, InputTooLong):
+        remedies.append("set options.truncate to cut it")
+    return invalid_argument(f"{exc} ({'; '.join(remedies)})" if remedies else str(exc))
 
 
 def _text(model: Model, text: str, truncate: bool) -> Prepared:
@@ -64,33 +81,43 @@ def _text(model: Model, text: str, truncate: bool) -> Prepared:
 
 
 def prepare_texts(model: Model, texts: Sequence[str], truncate: bool) -> list[Prepared | ServeError]:
-    """Tokenize a request's texts in one call; each input gets its Prepared, or its ServeError (INVALID_ARGUMENT)."""
-    out: list[Prepared | ServeError] = []
-    for result in model.preprocessing.prepare_batch(texts, truncate, max_length=model.max_tokens):
-        if isinstance(result, InputTooLong):
-            out.append(invalid_argument(f"{result} (set options.truncate to cut it)"))
-        elif isinstance(result, PreprocessError):
-            out.append(invalid_argument(str(result)))
-        else:
-            out.append(Prepared(result[0], truncated=result[1]))
-    return out
+    """Check each text's length in characters (before any tokenizing: --max-text-chars), then tokenize the rest in
+    one call; each input gets its Prepared, or its ServeError (INVALID_ARGUMENT)."""
+    out: list[Prepared | ServeError | None] = [None] * len(texts)
+    todo, clipped, cut = [], [], []
+    for i, text in enumerate(texts):
+        try:
+            value, was_cut = clip_text(text, model.max_text_chars, truncate)
+        except PreprocessError as exc:
+            out[i] = refusal(exc)
+            continue
+        todo.append(i)
+        clipped.append(value)
+        cut.append(was_cut)
+    results = model.preprocessing.prepare_batch(clipped, truncate, max_length=model.max_tokens)
+    for i, was_cut, result in zip(todo, cut, results, strict=True):
+        out[i] = refusal(result) if isinstance(result, PreprocessError) else Prepared(result[0], result[1] or was_cut)
+    return out  # type: ignore[return-value] - every slot is filled
 
 
-def _pcm(pcm: Pcm) -> tuple[np.ndarray, int]:
+def _pcm(pcm: Pcm, max_seconds: float, truncate: bool) -> tuple[np.ndarray, int]:
     if pcm.encoding not in _PCM_DTYPES:
         raise PreprocessError("pcm encoding must be float32 (ENCODING_FLOAT32) or int16 (ENCODING_INT16)")
     if pcm.sample_rate <= 0:
         raise PreprocessError("pcm sample_rate is required")
-    return pcm_to_waveform(pcm.data, pcm.encoding, channels=pcm.channels or 1), int(pcm.sample_rate)
+    waveform = pcm_to_waveform(pcm.data, pcm.encoding, channels=pcm.channels or 1, sample_rate=pcm.sample_rate,
+                               max_seconds=max_seconds, truncate=truncate)
+    return waveform, int(pcm.sample_rate)
 
 
 def _audio(model: Model, waveform: np.ndarray, rate: int, truncate: bool) -> Prepared:
-    limit = int(model.max_samples * rate / model.sample_rate)  # the limit at the input's own rate
+    """Cut to the limit (the decoders hold at most one frame more, also when a header under-states the length)."""
+    limit = frame_limit(model.max_audio_seconds, rate)
     truncated = len(waveform) > limit
     if truncated:
         if not truncate:
-            raise InputTooLong(f"audio is {len(waveform) / rate:.1f} s, the server takes at most "
-                               f"{model.max_samples / model.sample_rate:.1f} s")
+            raise InputTooLong(f"audio is longer than its header says and than the limit of "
+                               f"{model.max_audio_seconds:g} s", "max_audio_seconds")
         waveform = waveform[:limit]
     value = model.preprocessing.prepare(waveform, rate)
     if len(value) < model.min_samples:

@@ -14,7 +14,7 @@ import numpy as np
 from .batcher import Batcher, BatchPolicy
 from .config import ServerConfig
 from .model_file import ModelFileError, read_metadata
-from .preprocess import Preprocessing, min_audio_samples, preprocessing_from_dict
+from .preprocess import Preprocessing, max_text_chars, min_audio_samples, preprocessing_from_dict
 from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,10 @@ class Model:
     runner: Runner
     policy: BatchPolicy
     max_tokens: int = 0  # text
-    max_samples: int = 0  # audio
+    max_text_chars: int = 0  # text: checked before tokenizing
+    max_samples: int = 0  # audio, at the model's rate
+    max_audio_seconds: float = 0.0  # audio: checked from the header before decoding
+    max_image_pixels: int = 0  # image: checked from the header before decoding
     batcher: Batcher | None = field(default=None, repr=False)
 
     @property
@@ -171,13 +174,18 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
     missing = [n for n in meta["inputs"] if n not in runner.input_names]
     if missing or "output_mask" not in runner.output_names:
         raise ModelFileError(f"{path}: graph lacks {', '.join(missing) or 'output_mask'}")
-    max_tokens = max_samples = 0
+    limits: dict[str, Any] = {}
+    max_tokens = 0
     if modality == "text":
         max_tokens = min(preprocessing.max_length, int(meta.get("max_positions") or preprocessing.max_length))
+        limits.update(max_tokens=max_tokens, max_text_chars=config.max_text_chars or max_text_chars(max_tokens))
     elif modality == "audio":
-        max_samples = int(config.max_audio_seconds * preprocessing.sample_rate)
+        limits.update(max_samples=int(config.max_audio_seconds * preprocessing.sample_rate),
+                      max_audio_seconds=config.max_audio_seconds)
+    else:
+        limits.update(max_image_pixels=config.max_image_pixels)
     policy = batch_policy(config, meta, preprocessing, max_tokens, runner.on_cuda)
-    return Model(path.stem, path, meta, preprocessing, runner, policy, max_tokens, max_samples)
+    return Model(path.stem, path, meta, preprocessing, runner, policy, **limits)
 
 
 def load_models(directory: str | Path, config: ServerConfig) -> dict[str, Model]:

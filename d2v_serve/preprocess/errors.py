@@ -7,8 +7,22 @@ class PreprocessError(ValueError):
     """Input that cannot be turned into model inputs: undecodable, empty or malformed. The message is one line."""
 
 
-class InputTooLong(PreprocessError):
-    """Input longer than the model accepts, when truncation was not asked for."""
+class InputTooLarge(PreprocessError):
+    """Input over a configured limit (seconds, pixels, characters), found from its header or length before decoding.
+
+    `limit` names the setting that raises it (e.g. "max_image_pixels"), so a server can name its flag.
+    """
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class InputTooLong(InputTooLarge):
+    """Input longer than the model or a limit accepts, when truncation was not asked for (truncation would cut it)."""
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message, limit)
 
 
 def one_line(exc: BaseException) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import PreprocessError, check_config_keys, one_line
+from .errors import InputTooLarge, PreprocessError, check_config_keys, one_line
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -20,6 +20,8 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# Formats decoded: the common ones only. Pillow reads dozens more (EPS even runs Ghostscript); each is attack surface.
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")  # JPEG covers multi-picture (MPO) files
 # "center": resize the shorter side to resize_size, keep the aspect ratio, crop the middle image_size square.
 # "none": resize straight to image_size x image_size (aspect not kept; what the HF BEiT processor does).
 CROPS = ("center", "none")
@@ -101,10 +103,12 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img if (w, h) == (size, size) else img.crop((left, top, left + size, top + size))
 
 
-def decode_image(data: bytes | str | Path) -> Image.Image:
-    """Encoded image (bytes or a file path; any format pillow reads) -> RGB PIL image with EXIF orientation applied.
+def decode_image(data: bytes | str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Encoded image (bytes or a file path; BMP, GIF, JPEG, PNG, TIFF or WEBP) -> RGB PIL image with EXIF
+    orientation applied. An animated image gives its first frame.
 
-    Raises PreprocessError with a one-line reason when the input is undecodable, too large or has zero size.
+    With `max_pixels` the header's width x height is checked before any pixel is decoded (InputTooLarge). Raises
+    PreprocessError with a one-line reason when the input is undecodable, too large or has zero size.
     """
     if isinstance(data, bytes | bytearray | memoryview):
         if not len(data):
@@ -113,11 +117,22 @@ def decode_image(data: bytes | str | Path) -> Image.Image:
     else:
         source = Path(data)
     try:
-        with Image.open(source) as opened:
-            opened.load()
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InputTooLarge(f"image is {width}x{height} = {width * height / 1e6:.1f} MP by its header, the "
+                                    f"limit is {max_pixels / 1e6:g} MP", "max_image_pixels")
+            opened.load()  # the current (first) frame only
             img = ImageOps.exif_transpose(opened).convert("RGB")
-    # pillow signals a corrupt file with many exception types (OSError, SyntaxError, ValueError, struct.error, ...)
-    # and a decompression bomb with its own; all of them mean "this input cannot be used".
+    except PreprocessError:
+        raise
+    except Image.DecompressionBombError:  # pillow's own limit, twice Image.MAX_IMAGE_PIXELS, checked at open()
+        raise InputTooLarge(f"image is over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.1f} MP by its header (pillow's "
+                            "decompression-bomb limit)", "") from None
+    except UnidentifiedImageError:  # its message carries the repr of the file object
+        raise PreprocessError(f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} file") from None
+    # pillow signals a corrupt file with many exception types (OSError, SyntaxError, ValueError, struct.error, ...);
+    # all of them mean "this input cannot be used".
     except Exception as exc:  # noqa: BLE001
         raise PreprocessError(f"cannot decode image: {one_line(exc)}") from None
     _check_size(img)

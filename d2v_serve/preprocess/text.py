@@ -15,6 +15,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from .errors import InputTooLong, PreprocessError, check_config_keys, one_line
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+# Characters allowed per model token before tokenizing: English averages ~4 per BPE token and even long runs of
+# punctuation or spaces stay below this, so a text cut here still fills the model (see max_text_chars).
+CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -125,6 +128,24 @@ class TextPreprocessing:
             return InputTooLong(f"text is {len(ids)} tokens, the model takes at most {limit}")
         ids = ids[: limit - 1] + [self.eos_id] if ids[-1] == self.eos_id else ids[:limit]
         return np.asarray(ids, dtype=np.int64), True
+
+
+def max_text_chars(max_tokens: int) -> int:
+    """The default character limit for a model taking `max_tokens` tokens."""
+    return CHARS_PER_TOKEN * max_tokens
+
+
+def clip_text(text: str, max_chars: int, truncate: bool) -> tuple[str, bool]:
+    """Check a text's length in characters before it is tokenized (tokenizing costs time in proportion to length):
+    longer than `max_chars` is InputTooLong (limit "max_text_chars"), or with `truncate` cut to `max_chars`.
+    Returns the text and whether it was cut."""
+    if not isinstance(text, str):
+        raise PreprocessError(f"text must be a string, got {type(text).__name__}")
+    if len(text) <= max_chars:
+        return text, False
+    if not truncate:
+        raise InputTooLong(f"text is {len(text)} characters, the limit is {max_chars}", "max_text_chars")
+    return text[:max_chars], True
 
 
 def _roberta_post_processor(tok: Tokenizer) -> processors.RobertaProcessing:
