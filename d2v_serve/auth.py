@@ -23,8 +23,8 @@ def _denying_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return kind(_deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    # no request deserializer: a refused call's bytes are never parsed
+    return kind(_deny, response_serializer=handler.response_serializer)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -75,6 +75,8 @@ class ServerConfig:
     max_text_chars: int = field(default=0, metadata={"help": "longest text in characters, checked before "
                                                               "tokenizing (longer: INVALID_ARGUMENT, or cut with "
                                                               "truncate; 0: 32 x the model's max tokens)"})
+    max_preprocess_mb: int = field(default=512, metadata={"help": "MiB of received input being decoded at once "
+                                                                   "(more waits; a larger request runs alone)"})
     stream_window: int = field(default=256, metadata={"help": "EmbedStream requests in flight per stream"})
     max_message_mb: int = field(default=256, metadata={"help": "largest gRPC message, in MiB, each way, and largest "
                                                                 "HTTP request body (beyond: 413)"})
@@ -110,7 +112,7 @@ class ServerConfig:
         """Raise ValueError (one line) on inconsistent settings."""
         positive = ("max_batch_size", "max_batch_tokens", "max_batch_audio_seconds", "max_batch_pixels",
                     "sort_window", "max_queue", "max_request_inputs",
-                    "max_audio_seconds", "max_image_pixels", "stream_window", "max_message_mb",
+                    "max_audio_seconds", "max_image_pixels", "max_preprocess_mb", "stream_window", "max_message_mb",
                     "max_streams_per_connection")
         for name in positive:
             if getattr(self, name) <= 0:

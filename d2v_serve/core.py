@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -23,15 +23,18 @@ import numpy as np
 from . import metrics
 from .batcher import Batcher, Item, ItemResult
 from .config import ServerConfig
-from .errors import ServeError, internal, invalid_argument, not_found, unavailable
-from .inputs import Prepared, check_modality, input_modality, prepare, prepare_texts
-from .postprocess import output_options
+from .errors import ServeError, internal, invalid_argument, not_found, shutting_down, unavailable
+from .inputs import Prepared, check_modality, input_bytes, input_modality, prepare, prepare_texts
+from .memory import release_free_memory
+from .postprocess import OutputOptions, output_options
 from .registry import REPRESENTATIONS, Model
 from .request import EmbedRequest, Input
 
 log = logging.getLogger(__name__)
 
 _RETRY_S = (0.002, 0.05)  # a waiting caller (a stream) polls for queue room between these bounds
+_EMBEDDING_OVERHEAD = 64  # bytes of a response around each embedding's values (shape, dtype, fields), generously
+_TRIM_AFTER_BYTES = 64 * 2**20  # idle again after preprocessing this much: hand freed heap back to the OS
 
 
 @dataclass(slots=True)
@@ -88,15 +91,44 @@ class ModelInfo:
     image_size: int = 0  # image
 
 
+class ByteBudget:
+    """Bytes of encoded input being preprocessed at once. A request larger than the whole budget waits until the
+    budget is free and then runs alone, so any request the message limit lets in can still be served."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        n = min(n, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        metrics.PREPROCESS_BYTES.set(self.used)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= n
+                self._changed.notify_all()
+            metrics.PREPROCESS_BYTES.set(self.used)
+
+
 class EmbeddingCore:
     def __init__(self, models: dict[str, Model], pool: Executor, config: ServerConfig) -> None:
         self.models = models
         self.pool = pool
         self.config = config
         self.draining = False
+        self.cutting = False  # the drain's grace is over: calls still in flight are being cancelled
         self._inflight = 0
+        self._tasks: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._budget = ByteBudget(config.max_preprocess_mb * 2**20)
+        self._bytes_since_trim = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -112,19 +144,38 @@ class EmbeddingCore:
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return False
 
+    def cut(self) -> int:
+        """The grace is over: cancel the calls still in flight. A transport that sees `cutting` when its call is
+        cancelled answers `shutting_down()` (UNAVAILABLE) instead of a bare cancellation. Returns how many."""
+        self.cutting = True
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
     @contextlib.contextmanager
     def tracked(self) -> Iterator[None]:
-        """Count a transport call as in flight (the drain waits for it)."""
+        """Count a transport call as in flight (the drain waits for it, `cut` cancels it)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._inflight += 1
         self._idle.clear()
         metrics.INFLIGHT.inc()
         try:
             yield
         finally:
+            self._tasks.discard(task)
             self._inflight -= 1
             metrics.INFLIGHT.dec()
             if self._inflight == 0:
                 self._idle.set()
+                self._release_memory_if_due()
+
+    def _release_memory_if_due(self) -> None:
+        """After a burst of large inputs, idle again: give freed heap pages back (glibc keeps them otherwise)."""
+        if self._bytes_since_trim >= _TRIM_AFTER_BYTES:
+            self._bytes_since_trim = 0
+            self.pool.submit(release_free_memory)
 
     # ---- models ---------------------------------------------------------------------------------------------
 
@@ -178,7 +229,8 @@ class EmbeddingCore:
             log.exception("request crashed", extra={"method": method, "model": model_name})
             metrics.REQUESTS.labels(method, "INTERNAL").inc()
             metrics.ERRORS.labels(model_name, "INTERNAL").inc()
-            raise internal(f"{type(exc).__name__}: {exc}") from exc
+            # the type only: an exception's text can carry object reprs and addresses (the log has it all)
+            raise internal(f"internal error ({type(exc).__name__}); the server log has the details") from exc
         metrics.REQUESTS.labels(method, "OK").inc()
         metrics.INPUTS.labels(model.name).inc(len(request.inputs))
         metrics.STAGE_SECONDS.labels(model.name, "total").observe(time.perf_counter() - start)
@@ -190,7 +242,7 @@ class EmbeddingCore:
     async def _embed_with(self, model: Model, request: EmbedRequest, deadline: float | None, wait: bool,
                           start: float) -> EmbedResult:
         if self.draining:
-            raise unavailable("server is shutting down; retry on another replica")
+            raise shutting_down()
         options = output_options(model, request.options)
         n = len(request.inputs)
         if n == 0:
@@ -209,7 +261,11 @@ class EmbeddingCore:
         await self._reserve(batcher, n, wait)
         items: list[Item] = []
         try:
-            prepared = await self._prepare_all(model, request.inputs, request.options.truncate)
+            size = sum(input_bytes(inp) for inp in request.inputs)
+            async with self._budget.hold(size):
+                prepared = await self._prepare_all(model, request.inputs, request.options.truncate)
+            self._bytes_since_trim += size
+            self._check_response_size(model, prepared, options)
             preprocess_s = time.perf_counter() - start
             metrics.STAGE_SECONDS.labels(model.name, "preprocess").observe(preprocess_s)
             items = [Item(p.value, model.cost(p.value), options.output, options, deadline) for p in prepared]
@@ -220,6 +276,16 @@ class EmbeddingCore:
             raise
         results = await _gather_items(items)
         return _result(model, request, prepared, results, preprocess_s, time.perf_counter() - start)
+
+    def _check_response_size(self, model: Model, prepared: list[Prepared], options: OutputOptions) -> None:
+        """Refuse before the model runs an answer that would exceed the message limit (positions x hidden x dtype)."""
+        limit_mb = self.config.max_message_mb
+        per_position = int(model.meta["hidden_size"]) * options.dtype.itemsize
+        size = sum(_EMBEDDING_OVERHEAD + per_position * (model.output_positions(p.value)
+                                                         if options.pooling == "none" else 1) for p in prepared)
+        if size > limit_mb * 2**20:
+            raise invalid_argument(f"the response would be {size / 2**20:.1f} MiB, over the {limit_mb} MiB message "
+                                   "limit (--max-message-mb raises it; or send fewer inputs per request, or pool)")
 
     async def _reserve(self, batcher: Batcher, n: int, wait: bool) -> None:
         delay = _RETRY_S[0]
@@ -246,7 +312,8 @@ class EmbeddingCore:
                 raise result.for_input(i)
             if isinstance(result, BaseException):
                 log.error("preprocessing crashed", extra={"model": model.name, "input": i}, exc_info=result)
-                raise internal(f"input {i}: preprocessing failed: {type(result).__name__}: {result}")
+                raise internal(f"input {i}: preprocessing failed ({type(result).__name__}); the server log has the "
+                               "details")
         return done
 
 

@@ -45,5 +45,10 @@ def unavailable(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def shutting_down() -> ServeError:
+    """A call refused by the drain, or still in flight when the grace ran out."""
+    return unavailable("server is shutting down; retry on another replica")
+
+
 def internal(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.INTERNAL, message)

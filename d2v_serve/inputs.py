@@ -40,6 +40,14 @@ def input_modality(inp: Input) -> str:
     return KIND_MODALITY[inp.kind]
 
 
+def input_bytes(inp: Input) -> int:
+    """The size of an input as received: encoded bytes, PCM bytes, or text characters."""
+    value = inp.value
+    if isinstance(value, Pcm):
+        return len(value.data)
+    return len(value) if isinstance(value, bytes | str) else 0
+
+
 def check_modality(model: Model, inp: Input) -> None:
     modality = input_modality(inp)
     if modality != model.modality:

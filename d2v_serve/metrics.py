@@ -13,6 +13,8 @@ REQUESTS = Counter("d2v_requests_total", "Embed calls and EmbedStream messages h
 ERRORS = Counter("d2v_errors_total", "Failed requests by gRPC status code and model", ["model", "code"])
 INPUTS = Counter("d2v_inputs_total", "Inputs embedded", ["model"])
 QUEUE_DEPTH = Gauge("d2v_queue_depth", "Inputs admitted and not yet in a batch (preprocessing or queued)", ["model"])
+PREPROCESS_BYTES = Gauge("d2v_preprocess_bytes", "Bytes of encoded input being preprocessed (bounded by "
+                         "--max-preprocess-mb)")
 INFLIGHT = Gauge("d2v_inflight_requests", "Embed calls and stream messages being handled")
 BATCH_SIZE = Histogram("d2v_batch_size", "Inputs per model run", ["model"], buckets=_BATCH_BUCKETS)
 PADDING = Histogram("d2v_batch_padding_fraction", "Padded share of the positions of a batch", ["model"],
@@ -29,6 +31,7 @@ DROPPED = Counter("d2v_dropped_inputs_total", "Inputs dropped at dequeue", ["mod
 WORKER_UP = Gauge("d2v_worker_up", "1 while a model's worker is warmed up and alive", ["model"])
 
 
-def serve_metrics(port: int, host: str = "") -> None:
-    """Expose /metrics over HTTP on `port` (a daemon thread)."""
-    start_http_server(port, addr=host or "0.0.0.0")
+def serve_metrics(port: int, host: str) -> None:
+    """Expose /metrics over HTTP on `host`:`port` (a daemon thread); `host` as --host takes it ("[::]", "0.0.0.0",
+    "127.0.0.1", a name)."""
+    start_http_server(port, addr=host.strip("[]") or "0.0.0.0")

@@ -14,7 +14,7 @@ import numpy as np
 from .batcher import Batcher, BatchPolicy
 from .config import ServerConfig
 from .model_file import ModelFileError, read_metadata
-from .preprocess import Preprocessing, max_text_chars, min_audio_samples, preprocessing_from_dict
+from .preprocess import Preprocessing, audio_frames, max_text_chars, min_audio_samples, preprocessing_from_dict
 from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,21 @@ class Model:
         meta = json.loads(json.dumps(self.meta))
         meta.get("preprocessing", {}).pop("tokenizer", None)
         return json.dumps(meta, sort_keys=True)
+
+    @cached_property
+    def image_positions(self) -> int:
+        """Image: output positions per image, fixed by the graph (0 when its length axis is symbolic)."""
+        shapes = {o.name: o.shape for o in self.runner.session.get_outputs()}
+        length = shapes.get("output_mask", [None, None])[1]
+        return length if isinstance(length, int) else 0
+
+    def output_positions(self, value: np.ndarray) -> int:
+        """Output positions of a prepared input: tokens, conv frames, or the image's patches (+ CLS)."""
+        if self.modality == "text":
+            return int(value.shape[0])
+        if self.modality == "audio":
+            return int(audio_frames(int(value.shape[0]), self.meta["conv_layers"]))
+        return self.image_positions
 
     def cost(self, value: np.ndarray) -> int:
         """Batch cost units of a prepared input: tokens, samples or pixels."""

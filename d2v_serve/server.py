@@ -14,8 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import metrics
-from ._proto.d2v.v1 import embedder_pb2 as pb
-from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
 from .batcher import Batcher
 from .config import ServerConfig
@@ -25,11 +23,11 @@ from .http_server import HttpServer
 from .reflection import enable_reflection
 from .registry import Model, load_models
 from .runtime import cpu_cores
-from .service import EmbedderService
+from .service import SERVICE_NAME, EmbedderService, add_to_server
 
 log = logging.getLogger(__name__)
+_CUT_S = 2.0  # after the grace, time for the cut calls to send their UNAVAILABLE
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -50,6 +48,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10 * ms),  # clients may ping every 10 s
         ("grpc.http2.max_ping_strikes", 3),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),  # HTTP/2 streams per connection
     ]
     if config.max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
@@ -98,7 +97,7 @@ class Server:
         interceptors = [BearerTokenInterceptor(token)] if (token := cfg.bearer_token()) else []
         server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors,
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None)
-        pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self.core), server)
+        add_to_server(EmbedderService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection([SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
         address = f"{cfg.host}:{cfg.port}"
@@ -113,7 +112,7 @@ class Server:
             self.http_port = self._http.port
             await self._http.start()
         if cfg.metrics_port:
-            metrics.serve_metrics(cfg.metrics_port)
+            metrics.serve_metrics(cfg.metrics_port, cfg.metrics_host or cfg.host)
         log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": creds is not None,
                                      "auth": bool(interceptors), "models": list(self.models),
                                      "config": cfg.redacted()})
@@ -157,7 +156,9 @@ class Server:
         if self.core is not None:
             self.core.begin_drain()
             if not await self.core.wait_idle(grace):
-                log.warning("grace period over; cancelling calls still in flight")
+                cut = self.core.cut()
+                log.warning("grace period over; calls still in flight end UNAVAILABLE", extra={"calls": cut})
+                await self.core.wait_idle(_CUT_S)
         left = max(0.0, deadline - time.monotonic())
         await asyncio.gather(*([self._server.stop(left)] if self._server is not None else []),
                              *([self._http.stop(max(1.0, left))] if self._http is not None else []))

@@ -1,4 +1,8 @@
-"""The d2v.v1.Embedder servicer (grpc.aio): proto messages <-> the embedding core's request and result."""
+"""The d2v.v1.Embedder servicer (grpc.aio): proto messages <-> the embedding core's request and result.
+
+Its methods receive the request bytes (see `add_to_server`): `wire.parse` turns a frame that is not the declared
+message into INVALID_ARGUMENT, and the auth interceptor has answered before any byte is parsed.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from ._proto.d2v.v1 import embedder_pb2 as pb
-from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .core import EmbeddingCore, EmbedResult, ModelInfo, model_info
-from .errors import INPUT_INDEX_KEY, ServeError
+from .errors import INPUT_INDEX_KEY, ServeError, shutting_down
 from .request import EmbedOptions, EmbedRequest, Input, Pcm
 from .tensors import to_tensor
+from .wire import parse
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
 
 _MODALITIES = {"audio": pb.MODALITY_AUDIO, "image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT}
 _REPRESENTATION_ENUMS = {"last": pb.REPRESENTATION_LAST_LAYER, "target": pb.REPRESENTATION_TARGET}
@@ -24,24 +30,28 @@ _DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32", pb.DTYP
 _PCM_ENCODINGS = {pb.Pcm.ENCODING_FLOAT32: "float32", pb.Pcm.ENCODING_INT16: "int16"}
 
 
-class EmbedderService(pb_grpc.EmbedderServicer):
+class EmbedderService:
     def __init__(self, core: EmbeddingCore) -> None:
         self.core = core
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         with self.core.tracked():
             try:
-                result = await self.core.embed(embed_request(request), context.time_remaining(), wait=False,
-                                               method="Embed")
+                request = embed_request(parse(raw, pb.EmbedRequest, "Embed"))
+                result = await self.core.embed(request, context.time_remaining(), wait=False, method="Embed")
                 return embed_response(result)
             except ServeError as exc:
                 error = exc
+            except asyncio.CancelledError:
+                if not self.core.cutting:  # the client went away
+                    raise
+                error = shutting_down()
         if error.input_index >= 0:
             context.set_trailing_metadata(((INPUT_INDEX_KEY, str(error.input_index)),))
         await context.abort(error.code, error.message)
         raise AssertionError("unreachable: abort raises")
 
-    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest],
+    async def EmbedStream(self, request_iterator: AsyncIterator[bytes],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
         with self.core.tracked():
             slots = asyncio.Semaphore(self.core.config.stream_window)
@@ -49,9 +59,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
             async def read() -> None:
                 try:
-                    async for request in request_iterator:
+                    async for raw in request_iterator:
                         await slots.acquire()  # at the window: stop reading, the client feels backpressure
-                        pending.put_nowait(asyncio.ensure_future(self._stream_one(request, context)))
+                        pending.put_nowait(asyncio.ensure_future(self._stream_one(raw, context)))
                 finally:
                     pending.put_nowait(None)
 
@@ -62,33 +72,64 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                     slots.release()
                     yield response
                 await reader  # surfaces a failed read
+            except asyncio.CancelledError:
+                if not self.core.cutting:
+                    raise
             finally:
                 reader.cancel()
                 while not pending.empty():
                     if (task := pending.get_nowait()) is not None:
                         task.cancel()
+        if self.core.cutting:
+            error = shutting_down()
+            await context.abort(error.code, error.message)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info_message(model_info(m)) for m in self.core.models.values()])
-
-    async def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ModelInfo:
+    async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
+            parse(raw, pb.ListModelsRequest, "ListModels")
+            return pb.ListModelsResponse(models=[model_info_message(model_info(m))
+                                                 for m in self.core.models.values()])
+        except ServeError as exc:
+            error = exc
+        await context.abort(error.code, error.message)
+        raise AssertionError("unreachable: abort raises")
+
+    async def DescribeModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            request = parse(raw, pb.DescribeModelRequest, "DescribeModel")
             return model_info_message(model_info(self.core.named_model(request.model)))
         except ServeError as exc:
             error = exc
         await context.abort(error.code, error.message)
         raise AssertionError("unreachable: abort raises")
 
-    async def _stream_one(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def _stream_one(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        model = request_id = ""
         try:
-            result = await self.core.embed(embed_request(request), context.time_remaining(), wait=True,
+            message = parse(raw, pb.EmbedRequest, "EmbedStream")
+            model, request_id = message.model, message.request_id
+            result = await self.core.embed(embed_request(message), context.time_remaining(), wait=True,
                                            method="EmbedStream")
             return embed_response(result)
         except ServeError as exc:
-            return pb.EmbedResponse(model=request.model, request_id=request.request_id, error=pb.Error(
+            return pb.EmbedResponse(model=model, request_id=request_id, error=pb.Error(
                 code=exc.code.value[0], message=exc.message, input_index=exc.input_index))
+
+
+def add_to_server(service: EmbedderService, server: grpc.aio.Server) -> None:
+    """Register the servicer as the generated `add_EmbedderServicer_to_server` does, except that each method gets
+    the request bytes unparsed (no request deserializer): the method parses them with `wire.parse`."""
+    def unary(method: object, response: type) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(method, response_serializer=response.SerializeToString)
+
+    handlers = {
+        "Embed": unary(service.Embed, pb.EmbedResponse),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            service.EmbedStream, response_serializer=pb.EmbedResponse.SerializeToString),
+        "ListModels": unary(service.ListModels, pb.ListModelsResponse),
+        "DescribeModel": unary(service.DescribeModel, pb.ModelInfo),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 # ---- proto <-> core -------------------------------------------------------------------------------------------

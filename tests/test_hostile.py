@@ -212,3 +212,109 @@ def test_truncate_cuts_long_text_and_audio_at_the_limits(stub: pb_grpc.EmbedderS
     audio = stub.Embed(pb.EmbedRequest(model="demo-audio", inputs=[pb.Input(audio=hostile.silence_flac(3.0))],
                                        options=options), timeout=60)
     assert audio.embeddings[0].truncated and audio.usage.audio_seconds == pytest.approx(120.0)
+
+
+# ---- the wire, auth, response size, bounds, shutdown ------------------------------------------------------------
+
+# a length past the end, a text that is not UTF-8 (a lone surrogate), junk
+MALFORMED = [b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05\x22\x03\xed\xa0\x80", b"\xff" * 32]
+
+
+def raw_call(target: str, method: str, payload: bytes, metadata: tuple = ()) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/d2v.v1.Embedder/{method}")  # no serializers: bytes go out as they are
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=30, metadata=metadata)
+    return info.value
+
+
+def test_malformed_frames_are_invalid_argument_logged_once(demo_server: ServerThread,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="d2v_serve.wire"):
+        for method in ("Embed", "ListModels", "DescribeModel"):
+            for payload in MALFORMED if method == "Embed" else (MALFORMED[0], MALFORMED[2]):
+                error = raw_call(demo_server.target, method, payload)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.details())
+                assert "is not a valid d2v.v1." in error.details()
+    records = [r for r in caplog.records if r.getMessage() == "malformed request"]
+    assert len(records) <= 1 and all(r.exc_info is None for r in records)  # rate-limited, never a traceback
+
+
+def test_malformed_stream_message_is_answered_in_band(demo_server: ServerThread) -> None:
+    good = pb.EmbedRequest(model="demo-text", inputs=[pb.Input(text="fine")], request_id="1").SerializeToString()
+    with grpc.insecure_channel(demo_server.target) as channel:
+        stream = channel.stream_stream("/d2v.v1.Embedder/EmbedStream",
+                                       response_deserializer=pb.EmbedResponse.FromString)
+        responses = list(stream(iter([MALFORMED[1], good]), timeout=30))
+    assert responses[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid d2v.v1.EmbedRequest" in responses[0].error.message
+    assert responses[1].request_id == "1" and len(responses[1].embeddings) == 1
+
+
+def test_auth_is_checked_before_any_byte_is_parsed() -> None:
+    with ServerThread(DEMO_MODELS, auth_token="s3cret") as srv:
+        error = raw_call(srv.target, "Embed", MALFORMED[0])
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        error = raw_call(srv.target, "Embed", MALFORMED[0], metadata=(("authorization", "Bearer s3cret"),))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_response_over_the_message_limit_is_refused_before_the_model_runs() -> None:
+    from prometheus_client import REGISTRY
+
+    def runs() -> float:
+        return REGISTRY.get_sample_value("d2v_batch_size_count", {"model": "demo-text"}) or 0.0
+
+    with ServerThread(DEMO_MODELS, max_message_mb=1) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        texts = [pb.Input(text="word " * 60)] * 64  # 64 x ~80 positions x 64 x 4 B = ~1.3 MiB with pooling "none"
+        before = runs()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Embed(pb.EmbedRequest(model="demo-text", inputs=texts,
+                                       options=pb.EmbedOptions(pooling=pb.POOLING_NONE)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the 1 MiB message limit (--max-message-mb raises it" in info.value.details()
+        assert runs() == before
+        pooled = stub.Embed(pb.EmbedRequest(model="demo-text", inputs=texts), timeout=60)  # 64 x 64 x 4 B: fine
+        assert len(pooled.embeddings) == 64
+
+
+def test_metrics_bind_the_server_host() -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ServerThread(DEMO_MODELS, host="127.0.0.1", metrics_port=port):
+        assert b"d2v_requests_total" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        with pytest.raises(OSError):  # another loopback address: not bound
+            socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+
+def test_calls_cut_by_shutdown_end_unavailable() -> None:
+    import concurrent.futures
+    import time
+
+    srv = ServerThread(DEMO_MODELS).__enter__()
+    try:
+        runner = srv.server.models["demo-text"].runner
+        original = runner.run
+
+        def slow(feeds: dict, outputs: list) -> dict:
+            time.sleep(3.0)
+            return original(feeds, outputs)
+
+        runner.run = slow
+        with grpc.insecure_channel(srv.target) as channel, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            stub = pb_grpc.EmbedderStub(channel)
+            call = pool.submit(stub.Embed, pb.EmbedRequest(model="demo-text", inputs=[pb.Input(text="slow")]),
+                               timeout=30)
+            time.sleep(0.5)  # it is in the model now
+            srv.stop(grace=0.3)
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details().startswith("server is shutting down")
+    finally:
+        srv.stop()
