@@ -175,7 +175,8 @@ class EmbeddingCore:
         """After a burst of large inputs, idle again: give freed heap pages back (glibc keeps them otherwise)."""
         if self._bytes_since_trim >= _TRIM_AFTER_BYTES:
             self._bytes_since_trim = 0
-            self.pool.submit(release_free_memory)
+            with contextlib.suppress(RuntimeError):  # the pool is already shut down: the server is stopping
+                self.pool.submit(release_free_memory)
 
     # ---- models ---------------------------------------------------------------------------------------------
 
