@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServerConfig
 from .core import EmbeddingCore, EmbedResult, model_info
-from .errors import ServeError, deadline_exceeded, invalid_argument
+from .errors import ServeError, deadline_exceeded, invalid_argument, shutting_down
 from .http_schema import (
     EmbedBody,
     EmbeddingsRequest,
@@ -270,7 +270,9 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("http request crashed", extra={"path": request.url.path})
-        return error_response(500, f"{type(exc).__name__}: {exc}", "internal")
+        # the type only: an exception's text can carry object reprs and addresses (the log has it all)
+        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                              "internal")
 
     async def embed_with_core(request: EmbedRequest, headers: Mapping[str, str], method: str) -> EmbedResult:
         timeout = _timeout(config, headers)
@@ -279,6 +281,10 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                 return await asyncio.wait_for(core.embed(request, timeout, wait=False, method=method), timeout)
             except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
                 raise deadline_exceeded(f"no result within {timeout:g} s") from None
+            except asyncio.CancelledError:
+                if not core.cutting:  # the client went away
+                    raise
+                raise shutting_down() from None  # the drain's grace ran out: 503, not a dropped connection
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=security,
               summary="OpenAI-compatible embeddings (mean pooled, L2-normalised)")
