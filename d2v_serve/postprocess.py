@@ -57,5 +57,9 @@ def output_options(model: Model, options: EmbedOptions) -> OutputOptions:
         raise invalid_argument(f"unknown dtype {options.dtype} (one of {', '.join(DTYPES)})")
     if options.representation not in model.outputs:
         raise failed_precondition(f"model {model.name} has no {options.representation} representation")
+    if model.modality == "audio" and options.representation == "target" and options.pooling != "none":
+        # each target layer is instance-normalised over the utterance's frames: any pooled vector is ~0
+        raise invalid_argument(f"audio target space is normalised over time per utterance, so {options.pooling} "
+                               "pooling carries no information; use pooling=none or representation=last")
     return OutputOptions(model.outputs[options.representation], options.pooling, options.normalize,
                          DTYPES[options.dtype])

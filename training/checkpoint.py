@@ -86,6 +86,19 @@ def encoder_config(ckpt: dict[str, Any]) -> EncoderConfig:
         raise CheckpointError(f"checkpoint config is invalid: {e}") from None
 
 
+def initial_encoder(cfg: EncoderConfig, seed: int) -> nn.Module:
+    """The weights a fresh `d2v-train` run with this seed starts from (what `--steps 0` writes)."""
+    from .models.init import init_weights
+
+    torch.manual_seed(seed)
+    return init_weights(build_encoder(cfg))
+
+
+def run_seed(ckpt: dict[str, Any]) -> int:
+    """The seed of the run that wrote a checkpoint (d2v-train's default for imports)."""
+    return int(ckpt.get("training", {}).get("config", {}).get("seed", 1))
+
+
 def load_encoder(ckpt: dict[str, Any]) -> nn.Module:
     """Build the encoder a checkpoint describes and load its weights strictly, in eval mode."""
     encoder = build_encoder(encoder_config(ckpt))

@@ -54,7 +54,8 @@ COMMON: dict[str, Any] = {
         "reads_student_features": False,  # True: teacher encodes the student's front-end features
         "mask_param": None,  # student parameter written into masked front-end positions
     },
-    "guard": {"min_target_var": 0.1, "min_pred_var": 0.01, "after": 5000},  # collapse guard (fairseq's values)
+    # collapse guard (fairseq's thresholds); after None: min(5000, 10 % of steps), so that short runs are guarded too
+    "guard": {"min_target_var": 0.1, "min_pred_var": 0.01, "after": None},
     "save_every": 1000,
     "log_every": 1,
     "stop_at": None,  # end this invocation (with a checkpoint) after this update; --resume continues to `steps`
@@ -192,7 +193,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_derived(cfg: dict[str, Any], hidden_size: int, num_patches: int | None) -> dict[str, Any]:
-    """Fill the values left as None that depend on the model: loss scale and the image mask count."""
+    """Fill the values left as None that depend on the model or the run: loss scale, image mask count, guard start."""
+    if cfg["guard"]["after"] is None:
+        cfg["guard"]["after"] = guard_after(int(cfg["steps"]))
     if cfg["loss_scale"] is None:
         cfg["loss_scale"] = 1.0 / math.sqrt(hidden_size)
     masking = cfg["masking"]
@@ -201,12 +204,18 @@ def resolve_derived(cfg: dict[str, Any], hidden_size: int, num_patches: int | No
     return cfg
 
 
+def guard_after(steps: int) -> int:
+    """Updates before the collapse guard starts: fairseq's 5000, or 10 % of a shorter run."""
+    return min(5000, steps // 10)
+
+
 def check(cfg: dict[str, Any]) -> None:
     """Values that must hold before a run starts."""
     for key in ("steps", "batch_size", "accum", "save_every", "log_every"):
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        value, least = cfg[key], 0 if key == "steps" else 1  # steps 0: write the initial weights
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a non-negative" if least == 0 else "a positive"
+            raise ConfigError(f"{key} must be {kind} integer, got {value!r}")
     if not cfg["data"]["path"]:
         raise ConfigError("no training data: pass --data PATH")
     if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):

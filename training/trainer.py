@@ -29,14 +29,14 @@ from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, TextPre
 
 from . import distributed
 from .augment import ImageAugment
-from .checkpoint import encoder_config, make_checkpoint, save_checkpoint
+from .checkpoint import encoder_config, initial_encoder, make_checkpoint, save_checkpoint
 from .data import BatchStream, DataConfig, build_text_preprocessing, open_dataset
 from .data_sources import find_sources
 from .defaults import ConfigError, resolve_derived
 from .masking import BatchMasker, TokenMasking
 from .models import EncoderConfig, build_encoder
-from .models.init import init_weights
 from .objective import Data2Vec, LossSpec, TeacherSpec
+from .plots import plot_training_curves
 from .schedules import ema_decay, learning_rate
 
 CKPT_NAME = "ckpt.pt"
@@ -63,13 +63,11 @@ class Trainer:
         self.enc_cfg = self._encoder_config(resume, init)
         resolve_derived(cfg, self.enc_cfg.hidden_size, self.enc_cfg.num_patches if modality == "image" else None)
 
-        student = build_encoder(self.enc_cfg)
-        if resume is not None:
-            student.load_state_dict(resume["model"])
-        elif init is not None:
-            student.load_state_dict(init["model"])
+        if resume is None and init is None:
+            student = initial_encoder(self.enc_cfg, cfg["seed"])
         else:
-            init_weights(student)
+            student = build_encoder(self.enc_cfg)
+            student.load_state_dict((resume or init)["model"])
         t = cfg["teacher"]
         teacher_spec = TeacherSpec(tuple(t["drop"]), tuple(t["copy"]), bool(t["reads_student_features"]),
                                    t["mask_param"])
@@ -290,12 +288,15 @@ class Trainer:
                 self.check_collapse(metrics)
                 if self.step % cfg["save_every"] == 0 or self.step == stop:
                     self.save(metrics)
+            if self.step == 0:  # --steps 0: the initial weights, a baseline for d2v-eval
+                self.save(metrics)
         finally:
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
             self.close()
+            self.plot()  # also after a collapse or an interrupt: that is when the curves matter most
         digests = distributed.all_gather_objects(self.param_digest(), d)
         summary = {"event": "end", "step": self.step, "param_digests": digests,
                    "ranks_in_sync": len(set(digests)) == 1, "last": metrics}
@@ -303,6 +304,15 @@ class Trainer:
             with (self.out / METRICS_NAME).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(summary) + "\n")
         return summary
+
+    def plot(self) -> None:
+        """Training curves beside metrics.jsonl (rank 0); a failed plot never fails the run."""
+        if not self.dist.is_main or self.out is None or not (self.out / METRICS_NAME).exists():
+            return
+        try:
+            plot_training_curves(self.out / METRICS_NAME)
+        except Exception as e:  # noqa: BLE001 - matplotlib missing or a backend problem: the run itself is fine
+            print(f"d2v-train: note: no training curves ({' '.join(str(e).split())[:200]})", file=sys.stderr)
 
     def close(self) -> None:
         """Stop the data threads (a later step starts a fresh stream at the current position)."""
