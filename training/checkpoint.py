@@ -86,17 +86,19 @@ def encoder_config(ckpt: dict[str, Any]) -> EncoderConfig:
         raise CheckpointError(f"checkpoint config is invalid: {e}") from None
 
 
-def initial_encoder(cfg: EncoderConfig, seed: int) -> nn.Module:
+def initial_encoder(cfg: EncoderConfig, seed: int, std: float = 0.02) -> nn.Module:
     """The weights a fresh `d2v-train` run with this seed starts from (what `--steps 0` writes)."""
     from .models.init import init_weights
 
     torch.manual_seed(seed)
-    return init_weights(build_encoder(cfg))
+    return init_weights(build_encoder(cfg), std=std)
 
 
-def run_seed(ckpt: dict[str, Any]) -> int:
-    """The seed of the run that wrote a checkpoint (d2v-train's default for imports)."""
-    return int(ckpt.get("training", {}).get("config", {}).get("seed", 1))
+def run_start(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """How the run that wrote a checkpoint initialised its weights: seed and init_std (d2v-train's defaults for
+    checkpoints without a training config, e.g. imports)."""
+    cfg = ckpt.get("training", {}).get("config", {})
+    return {"seed": int(cfg.get("seed", 1)), "std": float(cfg.get("init_std") or 0.02)}
 
 
 def load_encoder(ckpt: dict[str, Any]) -> nn.Module:

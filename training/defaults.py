@@ -24,6 +24,7 @@ COMMON: dict[str, Any] = {
     "out": None,
     "init": None,  # a d2v checkpoint (e.g. d2v-import-hf output) to continue pretraining from
     "seed": 1,
+    "init_std": 0.02,  # std of the normal init of linear and embedding weights (fresh runs)
     "device": "auto",  # auto | cpu | cuda
     "precision": "auto",  # auto (cuda: bf16 if supported else fp16; cpu: fp32) | fp32 | bf16 | fp16
     "cpu_bf16": False,  # let precision=auto use bf16 autocast on CPU

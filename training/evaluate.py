@@ -51,11 +51,11 @@ class CheckpointEmbedder:
 
         from d2v_serve.preprocess import preprocessing_from_dict
 
-        from .checkpoint import encoder_config, initial_encoder, load_encoder, run_seed
+        from .checkpoint import encoder_config, initial_encoder, load_encoder, run_start
 
         self.cfg = encoder_config(ckpt)
         self.modality = ckpt["modality"]
-        self.encoder = initial_encoder(self.cfg, run_seed(ckpt)).eval() if initial else load_encoder(ckpt)
+        self.encoder = initial_encoder(self.cfg, **run_start(ckpt)).eval() if initial else load_encoder(ckpt)
         self.preprocessing = preprocessing_from_dict(self.modality, ckpt["preprocessing"])
         self.batch_size = batch_size
 

@@ -64,7 +64,7 @@ class Trainer:
         resolve_derived(cfg, self.enc_cfg.hidden_size, self.enc_cfg.num_patches if modality == "image" else None)
 
         if resume is None and init is None:
-            student = initial_encoder(self.enc_cfg, cfg["seed"])
+            student = initial_encoder(self.enc_cfg, cfg["seed"], float(cfg["init_std"]))
         else:
             student = build_encoder(self.enc_cfg)
             student.load_state_dict((resume or init)["model"])
