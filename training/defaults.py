@@ -55,7 +55,7 @@ COMMON: dict[str, Any] = {
         "reads_student_features": False,  # True: teacher encodes the student's front-end features
         "mask_param": None,  # student parameter written into masked front-end positions
     },
-    # collapse guard (fairseq's thresholds); after None: min(5000, 10 % of steps), so that short runs are guarded too
+    # collapse guard (fairseq's thresholds); after None: min(5000, max(100, 10 % of steps)): short runs are guarded too
     "guard": {"min_target_var": 0.1, "min_pred_var": 0.01, "after": None},
     "save_every": 1000,
     "log_every": 1,
@@ -123,6 +123,7 @@ MODALITY: dict[str, dict[str, Any]] = {
 }
 
 BEIT_MASK_FRACTION = 120 / 196
+GUARD_MIN_AFTER = 100
 
 
 class ConfigError(ValueError):
@@ -206,8 +207,9 @@ def resolve_derived(cfg: dict[str, Any], hidden_size: int, num_patches: int | No
 
 
 def guard_after(steps: int) -> int:
-    """Updates before the collapse guard starts: fairseq's 5000, or 10 % of a shorter run."""
-    return min(5000, steps // 10)
+    """Updates before the collapse guard starts: fairseq's 5000, or 10 % of a shorter run but at least 100 (in the
+    first updates a small model's predictions are still near zero: pred_var < 0.01 there is no collapse)."""
+    return min(5000, max(GUARD_MIN_AFTER, steps // 10))
 
 
 def check(cfg: dict[str, Any]) -> None:
