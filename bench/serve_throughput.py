@@ -236,9 +236,11 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
 
 
 def measure_runtime(model_file: Path, items: list[np.ndarray], batch: int, duration: float, min_items: int,
-                    threads: int) -> float:
-    """Items/s of the model file run in this process on batches of `batch` prepared items, each batch of inputs
-    of neighbouring lengths (sorted), as a careful user with all inputs at hand would batch them."""
+                    threads: int, cpus: str = "") -> float:
+    """Items/s of the model file run in this process (on `cpus`, like the server) on batches of `batch` prepared
+    items, each batch of inputs of neighbouring lengths (sorted), as a careful user with all inputs at hand would."""
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     meta = read_metadata(model_file)
     settings = runtime_settings(ServerConfig(intra_op_threads=threads), 1)
     runner = Runner(create_session(str(model_file), settings))
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio-seconds", type=float, default=2.0)
     p.add_argument("--ort-batches", default="", help="raw ORT batch sizes, e.g. '1,16' (default: per workload)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all cores), both sides")
-    p.add_argument("--server-cpus", default="", help="pin the server with taskset -c, e.g. '0'")
+    p.add_argument("--server-cpus", default="", help="pin the server (and raw ORT) to these CPUs, e.g. '0'")
     p.add_argument("--server-args", default="", help="extra d2v-serve flags, e.g. '--max-delay-ms 5'")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -325,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 server[level].append(measure_server(model_file, inputs, level, args.duration,
                                                     min(min_items, 4 * level), extra, args.server_cpus))
             for b in sizes:
-                ort[b].append(measure_runtime_fresh(model_file, items, b, args.duration, min_items, threads))
+                ort[b].append(measure_runtime_fresh(model_file, items, b, args.duration, min_items, threads,
+                                                    args.server_cpus))
         best = {level: max(runs, key=lambda r: r["items_per_s"]) for level, runs in server.items()}
         ort_best = {b: max(v) for b, v in ort.items()}
         top_b = max(ort_best, key=ort_best.get)

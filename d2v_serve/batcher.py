@@ -217,34 +217,38 @@ class Batcher:
         with self._cond:
             while True:
                 now = time.monotonic()
-                self._drop_expired(now)
                 if self._queue:
-                    batch, full = self._select()
-                    wait = self._wait_for_more(full, now)
-                    if wait <= 0:
-                        self._remove(batch)
-                        batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
-                        if batch:
-                            return batch
+                    wait = self._wait_for_more(now)
+                    if wait > 0:
+                        self._cond.wait(wait)
                         continue
-                    self._cond.wait(wait)
+                    self._drop_expired(now)
+                    if not self._queue:
+                        continue
+                    batch = self._select()
+                    self._remove(batch)
+                    batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
+                    if batch:
+                        return batch
                 elif self.state == "closing" and self._admitted == 0:
                     return None
                 else:
                     self._cond.wait()
 
-    def _wait_for_more(self, full: bool, now: float) -> float:
-        """Seconds to hold a batch that is not full for inputs on their way; 0: run it now.
+    def _wait_for_more(self, now: float) -> float:
+        """Seconds to hold the queue for inputs on their way before forming a batch; 0: form it now.
 
         Inputs are on their way while some are being preprocessed, or while fewer have arrived since the session
         last answered than it answered (closed-loop clients send again on each answer). Waiting is pointless when
-        nothing is expected (a lone client, open-loop traffic), when the queue already holds a full batch's worth,
-        and ends `max_delay_s` after the session freed or the oldest input arrived, whichever is later.
+        nothing is expected (a lone client, open-loop traffic) or when the queue already holds a full batch, and
+        ends `max_delay_s` after the session freed or the oldest input arrived, whichever is later. Counts only:
+        it runs on every arrival, so it never sorts the queue.
         """
         p = self.policy
         expected = self._returning + self._admitted - len(self._queue)
-        plenty = len(self._queue) >= p.max_batch_size or self._queued_cost >= p.limit
-        if self.state == "closing" or full or plenty or expected <= 0:
+        if self.state == "closing" or expected <= 0 or len(self._queue) >= p.max_batch_size:
+            return 0.0
+        if self._queued_cost + p.work(p.padded(self._queue[0].length)) > p.limit:  # not even one more would fit
             return 0.0
         due = max(self._free_since, self._queue[0].enqueued) + p.max_delay_s
         if now >= due:
@@ -275,13 +279,12 @@ class Batcher:
         self._admitted -= len(items)
         self._depth_gauge.set(self._admitted)
 
-    def _select(self) -> tuple[list[Item], bool]:
-        """The oldest input plus its nearest neighbours by length, and whether the batch is full.
+    def _select(self) -> list[Item]:
+        """The oldest input plus its nearest neighbours by length.
 
         A neighbour joins while the batch's cost stays within the fill target and budget, its padded share within
         `max_padding`, and its size within `max_batch_size`; of the two neighbours (next shorter, next longer) the
-        one that leaves less padding joins first. Full: not even another input as long as its longest would fit
-        (size or cost); otherwise more arrivals could still join it.
+        one that leaves less padding joins first.
         """
         p = self.policy
         window = self._queue[: p.sort_window]
@@ -307,8 +310,7 @@ class Batcher:
             lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
             useful += work[order[lo] if side < 0 else order[hi]]
             count += 1
-        full = count >= p.max_batch_size or p.cost(count + 1, longest) > p.limit  # not even a twin would fit
-        return [window[i] for i in order[lo: hi + 1]], full
+        return [window[i] for i in order[lo: hi + 1]]
 
     def _run(self, values: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         feeds = collate(self.modality, values, pad_id=self.pad_id)

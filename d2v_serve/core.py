@@ -232,9 +232,9 @@ class EmbeddingCore:
             metrics.ERRORS.labels(model_name, "INTERNAL").inc()
             # the type only: an exception's text can carry object reprs and addresses (the log has it all)
             raise internal(f"internal error ({type(exc).__name__}); the server log has the details") from exc
-        metrics.REQUESTS.labels(method, "OK").inc()
-        metrics.INPUTS.labels(model.name).inc(len(request.inputs))
-        metrics.STAGE_SECONDS.labels(model.name, "total").observe(time.perf_counter() - start)
+        metrics.child(metrics.REQUESTS, method, "OK").inc()
+        metrics.child(metrics.INPUTS, model.name).inc(len(request.inputs))
+        metrics.child(metrics.STAGE_SECONDS, model.name, "total").observe(time.perf_counter() - start)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request", extra={"method": method, "model": model.name, "inputs": len(request.inputs),
                                         "total_ms": result.timings.total_ms, "request_id": request.request_id})
@@ -268,7 +268,7 @@ class EmbeddingCore:
             self._bytes_since_trim += size
             self._check_response_size(model, prepared, options)
             preprocess_s = time.perf_counter() - start
-            metrics.STAGE_SECONDS.labels(model.name, "preprocess").observe(preprocess_s)
+            metrics.child(metrics.STAGE_SECONDS, model.name, "preprocess").observe(preprocess_s)
             items = [Item(p.value, model.cost(p.value), options.output, options, deadline) for p in prepared]
             batcher.submit(items)
         except BaseException:
@@ -302,7 +302,7 @@ class EmbeddingCore:
 
     async def _prepare_all(self, model: Model, inputs: Sequence[Input], truncate: bool) -> list[Prepared]:
         loop = asyncio.get_running_loop()
-        if model.modality == "text":  # one job, one encode_batch call for all the texts
+        if model.modality == "text":  # one encode_batch call for all the texts
             texts = [inp.value for inp in inputs]
             done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate)
         else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -29,6 +32,13 @@ STAGE_SECONDS = Histogram("d2v_stage_seconds", "Time per stage: preprocess (per 
                           ["model", "stage"], buckets=_LATENCY_BUCKETS)
 DROPPED = Counter("d2v_dropped_inputs_total", "Inputs dropped at dequeue", ["model", "reason"])
 WORKER_UP = Gauge("d2v_worker_up", "1 while a model's worker is warmed up and alive", ["model"])
+
+
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: the per-request path skips prometheus_client's lock and checks.
+    Only for bounded label values (model names, methods, stages, status codes)."""
+    return metric.labels(*labels)
 
 
 def serve_metrics(port: int, host: str) -> None:

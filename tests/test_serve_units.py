@@ -51,7 +51,7 @@ def _batcher(lengths: list[int], **policy: float) -> Batcher:
 
 
 def _take(b: Batcher) -> list[int]:
-    batch, _ = b._select()
+    batch = b._select()
     b._remove(batch)
     return sorted(it.length for it in batch)
 
@@ -85,7 +85,7 @@ def test_padding_cap_holds_for_every_batch_and_the_oldest_is_always_served() -> 
     sizes = []
     while b._queue:
         oldest = b._queue[0]
-        batch, _ = b._select()
+        batch = b._select()
         assert oldest in batch
         got = [it.length for it in batch]
         p = b.policy
@@ -112,11 +112,7 @@ def test_cost_counts_attention_and_the_fill_target_stops_growth() -> None:
     assert p.work(100) == pytest.approx(110) and p.work(1000) == pytest.approx(2000)
     assert p.cost(4, 1000) == pytest.approx(8000)
     b = _batcher([100] * 10, max_batch_size=64, budget=10_000, fill=450)
-    batch, full = b._select()
-    assert len(batch) == 4 and full  # 5 x 100 > 450: not even a twin fits
-    b = _batcher([100] * 3, max_batch_size=64, budget=10_000, fill=450)
-    batch, full = b._select()
-    assert len(batch) == 3 and not full  # room for one more
+    assert _take(b) == [100] * 4  # 5 x 100 > 450
 
 
 def test_deadlines_are_dropped_at_dequeue() -> None:
@@ -134,21 +130,26 @@ def test_deadlines_are_dropped_at_dequeue() -> None:
 def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
     b = _batcher([12] * 4, max_batch_size=16, budget=10_000, max_delay_s=0.002)
     now = b._queue[0].enqueued
-    assert b._wait_for_more(False, now) == 0  # nothing expected (a lone client, open loop): run now
+    assert b._wait_for_more(now) == 0  # nothing expected (a lone client, open loop): run now
     b._returning, b._free_since = 12, now + 0.001  # the last batch answered 12 closed-loop clients
-    assert b._wait_for_more(False, now + 0.001) == pytest.approx(0.002)  # a full batch's worth comes back
-    assert b._wait_for_more(True, now + 0.001) == 0  # a full batch never waits
+    assert b._wait_for_more(now + 0.001) == pytest.approx(0.002)  # a full batch's worth comes back: wait
     b.reserve(12)  # they arrive (admitted, being preprocessed): still on their way
-    assert b._returning == 0 and b._wait_for_more(False, now + 0.002) > 0
-    assert b._wait_for_more(False, now + 0.0031) == 0  # the delay is over: run what there is
-    b.release(12)
-    b._returning = 5
-    b.reserve(12)
+    assert b._returning == 0 and b._wait_for_more(now + 0.002) > 0
+    assert b._wait_for_more(now + 0.0031) == 0  # the delay is over: run what there is
     b.submit(_items([12] * 12))
-    assert b._wait_for_more(False, now + 0.002) == 0  # the queue holds a full batch's worth
+    assert b._wait_for_more(now + 0.002) == 0  # the queue holds a full batch (max_batch_size)
     b._remove(b._queue[4:])
     b._returning = 3
-    assert b._wait_for_more(False, now + 0.01) == 0 and b._returning == 0  # late: they are no longer expected
+    assert b._wait_for_more(now + 0.01) == 0 and b._returning == 0  # late: they are no longer expected
+    b._returning = 8
+    b.policy.fill = 5 * 12
+    assert b._wait_for_more(now + 0.001) > 0  # 4 queued, a fifth would fit the fill target
+    b.reserve(1)
+    b.submit(_items([12]))
+    assert b._wait_for_more(now + 0.001) == 0  # full: a sixth would not fit
+    b.policy.fill = 0
+    b.policy.max_padding, b.state = 0.1, "closing"
+    assert b._wait_for_more(now + 0.001) == 0  # draining: no waiting
 
 
 def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
