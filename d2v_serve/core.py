@@ -322,6 +322,8 @@ async def _gather_items(items: list[Item]) -> list[ItemResult]:
     """All item results; on the first failure the rest are cancelled (dropped at dequeue if still queued)."""
     futures = [asyncio.wrap_future(it.future) for it in items]
     try:
+        if len(futures) == 1:  # the common case: no gathering future and its callbacks
+            return [await futures[0]]
         return await asyncio.gather(*futures)
     except BaseException:
         for f in futures:

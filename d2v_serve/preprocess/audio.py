@@ -64,9 +64,13 @@ class AudioPreprocessing:
 
 
 def normalize_waveform(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the given (unpadded) samples: (x - mean) / sqrt(var + 1e-7)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return ((x64 - x64.mean()) / np.sqrt(x64.var() + NORM_EPS)).astype(np.float32)
+    """Zero mean, unit variance over the given (unpadded) samples: (x - mean) / sqrt(var + 1e-7), the statistics
+    in float64, the result written once, in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    mean, var = x.mean(dtype=np.float64), x.var(dtype=np.float64)
+    out = np.subtract(x, np.float32(mean), dtype=np.float32)
+    out *= np.float32(1.0 / np.sqrt(var + NORM_EPS))
+    return out
 
 
 def check_sample_rate(rate: int) -> int:
@@ -164,10 +168,13 @@ def pcm_to_waveform(raw: bytes, dtype: Literal["float32", "int16"] = "float32", 
             if not truncate:
                 raise _too_long(frames / rate, max_seconds)
             frames = frame_limit(max_seconds, rate) + 1
-    x = np.frombuffer(raw, dtype=np_dtype, count=frames * channels).reshape(-1, channels)
-    x = x.astype(np.float32) / 32768.0 if dtype == "int16" else x.astype(np.float32)
-    mono = x[:, 0] if channels == 1 else x.mean(axis=1, dtype=np.float32)
-    return np.ascontiguousarray(mono)
+    # a read-only view of the request's bytes, copied once below
+    x = np.frombuffer(raw, dtype=np_dtype, count=frames * channels)
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    if dtype == "int16":
+        return np.multiply(x, np.float32(1 / 32768), dtype=np.float32)
+    return x.astype(np.float32, copy=False)
 
 
 def audio_frames(num_samples: int | np.ndarray, conv_layers: Sequence[Sequence[int]]) -> int | np.ndarray:
