@@ -13,7 +13,9 @@ inputs, at each batch size of --ort-batches (mixed audio: length-sorted batches,
 server's rate is taken between two batch completions (its /metrics); from the same scrape come its batch-size
 histogram, padded fraction (d2v_batch_positions_total) and session busy fraction (d2v_session_busy_seconds_total);
 latency percentiles are the clients' own. Server and runtime never run at once; the sides alternate for --rounds
-rounds and the best of each is reported (a shared machine only ever slows one down).
+rounds and the best of each is reported (a shared machine only ever slows one down). Beside items per second, it
+reports items per CPU-second of the server process (all threads) and of the runtime process: on a shared machine
+these ratios hold up where wall-clock ones do not (they do not see a session left idle: read the busy fraction).
 """
 
 from __future__ import annotations
@@ -169,6 +171,12 @@ def _histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, i
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_server(model_file: Path, inputs: list, concurrency: int, duration: float, min_items: int,
                    extra: list[str], cpus: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,9 +219,11 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
             # The window runs from the end of one batch to the end of another (seen in the server's batch
             # counters): whole batches only, so the rate has no quantization bias even with few, slow batches.
             t0, m0 = _batch_edge(metrics_port, name)
+            cpu0 = _cpu_seconds(proc.pid)
             time.sleep(max(0.0, duration - 0.5))
             while True:
                 t1, m1 = _batch_edge(metrics_port, name)
+                cpu1 = _cpu_seconds(proc.pid)
                 if t1 - t0 >= duration and m1["items"] - m0["items"] >= min_items:
                     break
             stop.set()
@@ -225,7 +235,8 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
     items, batches = m1["items"] - m0["items"], m1["batches"] - m0["batches"]
     valid, padded = m1.get("valid", 0) - m0.get("valid", 0), m1.get("padded", 0) - m0.get("padded", 0)
     window = np.array([s for end, s in latencies if t0 <= end <= t1]) * 1000
-    return {"items_per_s": items / (t1 - t0), "mean_batch": items / batches, "batches": _histogram(m0, m1),
+    return {"items_per_s": items / (t1 - t0), "items_per_cpu_s": items / max(1e-9, cpu1 - cpu0),
+            "mean_batch": items / batches, "batches": _histogram(m0, m1),
             "padded_fraction": padded / max(1.0, valid + padded),
             "busy_fraction": (m1.get("busy", 0) - m0.get("busy", 0)) / (t1 - t0),
             "p50_ms": float(np.percentile(window, 50)) if window.size else None,
@@ -236,7 +247,7 @@ def measure_server(model_file: Path, inputs: list, concurrency: int, duration: f
 
 
 def measure_runtime(model_file: Path, items: list[np.ndarray], batch: int, duration: float, min_items: int,
-                    threads: int, cpus: str = "") -> float:
+                    threads: int, cpus: str = "") -> tuple[float, float]:
     """Items/s of the model file run in this process (on `cpus`, like the server) on batches of `batch` prepared
     items, each batch of inputs of neighbouring lengths (sorted), as a careful user with all inputs at hand would."""
     if cpus:
@@ -251,18 +262,18 @@ def measure_runtime(model_file: Path, items: list[np.ndarray], batch: int, durat
     outputs = ["last_hidden_state", "output_mask"]
     runner.run(batches[0], outputs)  # warm-up
     order = np.random.default_rng(0).permutation(len(batches))
-    done, start, i = 0, time.monotonic(), 0
+    done, start, cpu, i = 0, time.monotonic(), time.process_time(), 0
     while time.monotonic() - start < duration or done < min_items:
         runner.run(batches[order[i % len(batches)]], outputs)
         done += batch
         i += 1
-    return done / (time.monotonic() - start)
+    return done / (time.monotonic() - start), done / (time.process_time() - cpu)
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
-def measure_runtime_fresh(*args: object) -> float:
+def measure_runtime_fresh(*args: object) -> tuple[float, float]:
     """measure_runtime in a fresh process: nothing the benchmark did before (threads, torch) weighs on it."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
@@ -321,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(b) for b in args.ort_batches.split(",")] if args.ort_batches else list(ort_batches)
         min_items = args.min_batches * args.concurrency
         server: dict[int, list[dict]] = {1: [], args.concurrency: []}
-        ort: dict[int, list[float]] = {b: [] for b in sizes}
+        ort: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
         for _ in range(args.rounds):  # alternate the sides; the best of each is reported (noise only slows down)
             for level in server:
                 server[level].append(measure_server(model_file, inputs, level, args.duration,
@@ -330,31 +341,40 @@ def main(argv: list[str] | None = None) -> int:
                 ort[b].append(measure_runtime_fresh(model_file, items, b, args.duration, min_items, threads,
                                                     args.server_cpus))
         best = {level: max(runs, key=lambda r: r["items_per_s"]) for level, runs in server.items()}
-        ort_best = {b: max(v) for b, v in ort.items()}
-        top_b = max(ort_best, key=ort_best.get)
-        cn, c1 = best[args.concurrency], best[1]
-        row = {"workload": workload, "model": name, "concurrency": args.concurrency,
-               "server_cN_items_per_s": round(cn["items_per_s"], 2), "server_c1_items_per_s":
-               round(c1["items_per_s"], 2), "ort_best_items_per_s": round(ort_best[top_b], 2), "ort_best_batch": top_b,
+        cpu_best = {level: max(r["items_per_cpu_s"] for r in runs) for level, runs in server.items()}
+        ort_best = {b: max(w for w, _ in v) for b, v in ort.items()}
+        ort_cpu = {b: max(c for _, c in v) for b, v in ort.items()}
+        top_b, top_cpu = max(ort_best, key=ort_best.get), max(ort_cpu.values())
+        cn, c1, n = best[args.concurrency], best[1], args.concurrency
+        row = {"workload": workload, "model": name, "concurrency": n,
+               "server_cN_items_per_s": round(cn["items_per_s"], 2),
+               "server_c1_items_per_s": round(c1["items_per_s"], 2),
+               "ort_best_items_per_s": round(ort_best[top_b], 2), "ort_best_batch": top_b,
                "cN_over_c1": round(cn["items_per_s"] / c1["items_per_s"], 3),
                "cN_over_ort": round(cn["items_per_s"] / ort_best[top_b], 3),
+               # per CPU-second of the server process (all its threads) and of the runtime's: what a dedicated
+               # core would give when the session never idles, and robust to other load on a shared machine
+               "cpu_cN_over_c1": round(cpu_best[n] / cpu_best[1], 3),
+               "cpu_cN_over_ort": round(cpu_best[n] / top_cpu, 3),
                "cN_mean_batch": round(cn["mean_batch"], 1), "cN_batch_histogram": cn["batches"],
                "cN_padded_fraction": round(cn["padded_fraction"], 3), "cN_busy_fraction": round(cn["busy_fraction"], 3),
                "cN_p50_ms": cn["p50_ms"], "cN_p99_ms": cn["p99_ms"], "c1_p50_ms": c1["p50_ms"],
                "ort_items_per_s": {b: round(v, 2) for b, v in ort_best.items()},
-               "runs": {"server": {lv: [round(r["items_per_s"], 2) for r in runs] for lv, runs in server.items()},
-                        "ort": {b: [round(x, 2) for x in v] for b, v in ort.items()}}}
+               "ort_items_per_cpu_s": {b: round(v, 2) for b, v in ort_cpu.items()},
+               "runs": {"server": {lv: [[round(r["items_per_s"], 2), round(r["items_per_cpu_s"], 2)] for r in runs]
+                                   for lv, runs in server.items()},
+                        "ort": {b: [[round(w, 2), round(c, 2)] for w, c in v] for b, v in ort.items()}}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
     print(f"{'workload':11} {'c' + str(args.concurrency) + '/s':>8} {'c1/s':>8} {'ORT best/s':>12} {'cN/c1':>6} "
-          f"{'cN/ORT':>7} {'pad':>5} {'busy':>5} {'p99 ms':>8}  batch sizes (batches)")
+          f"{'cN/ORT':>7} {'cpu:cN/c1':>9} {'cpu:cN/ORT':>10} {'pad':>5} {'busy':>5} {'p99 ms':>8}  batch sizes")
     for r in rows:
         hist = " ".join(f"{k}:{v}" for k, v in r["cN_batch_histogram"].items())
         print(f"{r['workload']:11} {r['server_cN_items_per_s']:8.2f} {r['server_c1_items_per_s']:8.2f} "
               f"{r['ort_best_items_per_s']:8.2f} b{r['ort_best_batch']:<3} {r['cN_over_c1']:6.2f} "
-              f"{r['cN_over_ort']:7.2f} {r['cN_padded_fraction']:5.2f} {r['cN_busy_fraction']:5.2f} "
-              f"{r['cN_p99_ms'] or 0:8.0f}  {hist}")
+              f"{r['cN_over_ort']:7.2f} {r['cpu_cN_over_c1']:9.2f} {r['cpu_cN_over_ort']:10.2f} "
+              f"{r['cN_padded_fraction']:5.2f} {r['cN_busy_fraction']:5.2f} {r['cN_p99_ms'] or 0:8.0f}  {hist}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

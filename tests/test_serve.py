@@ -610,7 +610,7 @@ def test_sigterm_drains_in_flight_requests(models: dict[str, TinyModel], tmp_pat
         with Client(target) as c, concurrent.futures.ThreadPoolExecutor(18) as pool:
             in_flight = [pool.submit(c.embed, TEXTS[i % len(TEXTS)], "text") for i in range(12)]
             in_flight += [pool.submit(over_http, TEXTS[i % len(TEXTS)]) for i in range(6)]
-            time.sleep(0.15)  # they sit in the batcher (max delay 400 ms) when the signal arrives
+            time.sleep(0.15)  # admitted, mostly still queued or running when the signal arrives
             proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=30) for f in in_flight]
         assert all(r.shape == (HIDDEN,) for r in results)
