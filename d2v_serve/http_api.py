@@ -14,18 +14,22 @@ import base64
 import binascii
 import dataclasses
 import hmac
-import json
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +63,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
 _AUTH_EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
 _MEDIA_KINDS = {"audio": "audio", "image": "image"}  # data: URI type -> input kind
+_REQUEST_MODELS = (EmbeddingsRequest, EmbedBody)
+Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -85,22 +92,32 @@ def serve_error_response(exc: ServeError) -> JSONResponse:
     return error_response(HTTP_STATUS.get(exc.code, 500), exc.message, exc.code.name.lower(), exc.input_index)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, int]:
+def _validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, int]:
     """One line for the first problem, and the index of the input it concerns (-1: none)."""
-    first = exc.errors()[0]
-    loc = [str(x) for x in first.get("loc", ())]
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", -1
-    if loc == ["body"]:
-        if first.get("type") == "missing":
-            return "a JSON request body is required", -1
-        if isinstance(first.get("input"), (bytes, str)):
-            return "the request body must be a JSON object (Content-Type: application/json)", -1
-    where = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc)
-    raw = first.get("loc", ())
-    index = raw[2] if len(raw) > 2 and raw[1] in ("input", "inputs") and isinstance(raw[2], int) else -1
+    if not loc and first.get("type") == "model_type":
+        return "the request body must be a JSON object", -1
+    index = loc[1] if len(loc) > 1 and loc[0] in ("input", "inputs") and isinstance(loc[1], int) else -1
+    where = ".".join(str(x) for x in loc)
     message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
     return " ".join(message.split()), index
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body validated as `model` by pydantic's own parser (no json.loads step); raises
+    RequestValidationError."""
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "a JSON request body is required"}])
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
 
 
 class BearerAuth:
@@ -230,7 +247,9 @@ def _timeout(config: ServerConfig, headers: Mapping[str, str]) -> float | None:
 
 
 def _json(payload: Any) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+    """orjson writes numpy arrays itself, each float in its shortest round-trip form for its dtype (float32
+    values come back bit-identical), about 15x faster than json.dumps over a list of Python floats."""
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def _dtype_name(value: np.ndarray) -> str:
@@ -239,6 +258,38 @@ def _dtype_name(value: np.ndarray) -> str:
 
 def _b64(value: np.ndarray) -> str:
     return base64.b64encode(value.tobytes()).decode("ascii")  # the core's arrays are little-endian, C order
+
+
+def _as_is(value: np.ndarray) -> np.ndarray:
+    return value
+
+
+async def _within(call: Awaitable[T], seconds: float | None) -> T:
+    """`call` with a deadline (TimeoutError); on 3.11+ without wait_for's extra task per call."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await call
+    return await asyncio.wait_for(call, seconds)
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema, plus the request bodies that the routes validate themselves."""
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    return schema
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], bool]) -> FastAPI:
@@ -253,9 +304,11 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
     if token:
         app.add_middleware(BearerAuth, token=token)  # added last, runs first: no body is read for a stranger
 
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, index = _validation_message(exc)
+        message, index = _validation_message(exc.errors())
         return error_response(400, message, "invalid_argument", index)
 
     @app.exception_handler(StarletteHTTPException)
@@ -278,7 +331,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
         timeout = _timeout(config, headers)
         with core.tracked():
             try:
-                return await asyncio.wait_for(core.embed(request, timeout, wait=False, method=method), timeout)
+                return await _within(core.embed(request, timeout, wait=False, method=method), timeout)
             except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
                 raise deadline_exceeded(f"no result within {timeout:g} s") from None
             except asyncio.CancelledError:
@@ -287,8 +340,10 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                 raise shutting_down() from None  # the drain's grace ran out: 503, not a dropped connection
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=security,
-              summary="OpenAI-compatible embeddings (mean pooled, L2-normalised)")
-    async def embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+              summary="OpenAI-compatible embeddings (mean pooled, L2-normalised)",
+              openapi_extra=_json_body(EmbeddingsRequest))
+    async def embeddings(request: Request) -> Response:
+        body = await parse_body(request, EmbeddingsRequest)
         items = [body.input] if isinstance(body.input, str) else body.input
         named = core.models.get(body.model)
         try:
@@ -303,7 +358,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
             result = await embed_with_core(embed_request, request.headers, "/v1/embeddings")
         except ServeError as exc:
             return serve_error_response(exc)
-        encode = _b64 if body.encoding_format == "base64" else np.ndarray.tolist
+        encode = _b64 if body.encoding_format == "base64" else _as_is
         data = [{"object": "embedding", "index": i, "embedding": encode(e.value)}
                 for i, e in enumerate(result.embeddings)]
         tokens = result.usage.tokens or result.usage.positions
@@ -311,8 +366,10 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/embed", response_model=EmbedResponseBody, responses=_ERRORS, dependencies=security,
-              summary="Embed: a JSON mirror of the gRPC d2v.v1.Embedder/Embed call")
-    async def embed(body: EmbedBody, request: Request) -> Response:
+              summary="Embed: a JSON mirror of the gRPC d2v.v1.Embedder/Embed call",
+              openapi_extra=_json_body(EmbedBody))
+    async def embed(request: Request) -> Response:
+        body = await parse_body(request, EmbedBody)
         try:
             inputs = _each(body.inputs, native_input)
             options = EmbedOptions(**body.options.model_dump())
@@ -320,7 +377,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                                            request.headers, "/v1/embed")
         except ServeError as exc:
             return serve_error_response(exc)
-        encode = _b64 if body.data_format == "base64" else np.ndarray.tolist
+        encode = _b64 if body.data_format == "base64" else _as_is
         embeddings = [{"tensor": {"shape": list(e.value.shape), "dtype": _dtype_name(e.value),
                                   "data": encode(e.value)},
                        "positions": e.positions, "truncated": e.truncated} for e in result.embeddings]
@@ -330,7 +387,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
     def card(name: str) -> dict[str, Any]:
         model = core.models[name]
         info = dataclasses.asdict(model_info(model))
-        info["metadata"] = json.loads(info.pop("metadata_json") or "{}")
+        info["metadata"] = orjson.loads(info.pop("metadata_json") or "{}")
         return {"id": name, "object": "model", "created": int(model.path.stat().st_mtime), "owned_by": "d2v",
                 "d2v": info}
 

@@ -52,7 +52,7 @@ class HttpServer:
         self.port = self._socket.getsockname()[1]
         self.tls = bool(config.tls_cert)
         settings = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none", server_header=False,
+            app, log_config=None, access_log=False, lifespan="off", ws="none", server_header=False, proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(config.shutdown_grace_s)),
             limit_concurrency=config.max_concurrent_rpcs or None,
             ssl_certfile=config.tls_cert or None, ssl_keyfile=config.tls_key or None,
