@@ -157,7 +157,7 @@ def test_native_embed_mirrors_grpc(server: ServerThread, grpc_client: Client) ->
         (AUDIO_MODEL, {"audio": b64(wav)}, wav),
     ]
     for model, item, raw in cases:
-        for options in ({"pooling": "none"}, {"representation": "target", "normalize": True},
+        for options in ({"pooling": "none"}, {"representation": "target", "pooling": "none", "normalize": True},
                         {"pooling": "cls", "dtype": "float16"}):
             expected = grpc_client.embed(raw, model, **options)
             for data_format in ("list", "base64"):
