@@ -244,6 +244,8 @@ async def run(args: argparse.Namespace) -> LoadResult:
         await scrape()
     finally:
         await close()
+    if not records["ends"] and records["errors"]:
+        raise ValueError(f"every call failed, e.g. {next(iter(records['errors']))}")
     result = summarize(records, workload, transport, args.concurrency, mean_units,
                        workload.distinct(records["calls"], len(inputs)))
     if len(pages) == 2:

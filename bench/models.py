@@ -6,6 +6,7 @@ from (`MODALITY.pt`) and its encoder config (`MODALITY.config.json`, for FLOP co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -54,11 +55,25 @@ def write_checkpoint(modality: str, preset: str, directory: Path) -> Path:
     return save_checkpoint(directory / f"{modality}.pt", make_checkpoint(cfg, encoder.state_dict(), pre_dict))
 
 
+def source_digest() -> str:
+    """sha256 of the code a model file depends on (encoders, checkpoints, export)."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "training").rglob("*.py"), *(ROOT / "export").rglob("*.py")]):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def ensure_models(names: list[str], preset: str = "base", root: Path = DEFAULT_DIR,
                   say=lambda m: print(m, file=sys.stderr)) -> Path:
-    """The folder holding `names` (built when missing: minutes for base models, once)."""
+    """The folder holding `names`, built when missing (minutes for base models) and rebuilt when the encoder or
+    export code changed since."""
     directory = root / preset
     directory.mkdir(parents=True, exist_ok=True)
+    stamp, digest = directory / "source.sha256", source_digest()
+    if not stamp.exists() or stamp.read_text().strip() != digest:
+        for old in [*directory.glob("*.onnx"), *directory.glob("*.pt"), *directory.glob("*.config.json")]:
+            old.unlink()
+        stamp.write_text(digest + "\n")
     export = str(Path(sys.executable).with_name("d2v-export"))
     for name in names:
         out = directory / f"{name}.onnx"

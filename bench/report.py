@@ -78,6 +78,10 @@ def markdown_number(v: Any) -> str:
     return str(v)
 
 
+def met_label(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[met]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(markdown_number(v) for v in r) + " |" for r in rows]
@@ -135,6 +139,6 @@ def render(results: dict[str, Any]) -> str:
                      f"{g['gflops']:.1f} GFLOP/s")
     if results.get("goals"):
         parts.append(markdown_table(["goal", "value", "target", "met"],
-                                    [[g["goal"], g["value"], g["target"],
-                                      {True: "yes", False: "**no**", None: "-"}[g["met"]]] for g in results["goals"]]))
+                                    [[g["goal"], g["value"], g["target"], met_label(g["met"])]
+                                     for g in results["goals"]]))
     return "\n\n".join(parts) + "\n"

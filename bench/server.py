@@ -3,6 +3,7 @@ its batch metrics, stop it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.stats import Histogram, counters, histograms
 
@@ -138,19 +141,46 @@ class D2vServer:
 
 
 def run_loadgen(target: str, model: str, model_file: Path, workload: str, concurrency: int, duration: float,
-                warmup: float, min_items: int = 0, metrics_url: str = "", http: bool = False,
+                warmup: float, min_items: int = 0, metrics_url: str = "", http: bool = False, processes: int = 1,
                 python: str | None = None, timeout: float = 900.0) -> dict[str, Any]:
-    """bench.loadgen in its own process; its JSON result."""
-    import json
-
-    cmd = [python or sys.executable, "-m", "bench.loadgen", "--http" if http else "--grpc", target,
-           "--model", model, "--model-file", str(model_file), "--workload", workload,
-           "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup),
-           "--min-items", str(min_items)]
-    if metrics_url:
-        cmd += ["--metrics", metrics_url]
+    """bench.loadgen in `processes` processes of their own (the concurrency split among them, each with its own
+    inputs); their JSON results, combined."""
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    processes = max(1, min(processes, concurrency))
+    procs = []
+    for k in range(processes):
+        share = concurrency // processes + (1 if k < concurrency % processes else 0)
+        cmd = [python or sys.executable, "-m", "bench.loadgen", "--http" if http else "--grpc", target,
+               "--model", model, "--model-file", str(model_file), "--workload", workload,
+               "--concurrency", str(share), "--duration", str(duration), "--warmup", str(warmup),
+               "--min-items", str(-(-min_items // processes)), "--seed", str(k)]
+        if metrics_url and k == 0:
+            cmd += ["--metrics", metrics_url]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"load generator failed ({proc.returncode}): {err.strip()[-500:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return combine_loads(results)
+
+
+def combine_loads(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several load generator processes run at once: rates and counts add up, errors merge,
+    p50 is the median of theirs and p99 the largest (an upper bound), server figures come from the first."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    for key in ("calls", "items", "items_per_s", "units_per_s", "distinct_inputs", "concurrency"):
+        out[key] = round(sum(r[key] for r in results), 3)
+    out["errors"] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            out["errors"][k] = out["errors"].get(k, 0) + v
+    out["p50_ms"] = float(np.median([r["p50_ms"] for r in results]))
+    out["p99_ms"] = max(r["p99_ms"] for r in results)
+    out["mean_ms"] = float(np.mean([r["mean_ms"] for r in results]))
+    out["window_s"] = max(r["window_s"] for r in results)
+    out["processes"] = len(results)
+    return out

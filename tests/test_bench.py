@@ -303,3 +303,82 @@ def test_bench_run_refuses_missing_models(tmp_path):
                           timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"bench/run: no audio.onnx in {tmp_path}"
+
+
+# ---- the GPU check (its logic; the run itself needs a GPU) ---------------------------------------------------
+
+
+def _gpu_check_module():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(ROOT / "bench" / "gpu_check"))
+    spec = importlib.util.spec_from_loader("gpu_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check")], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin"})  # no nvidia-smi on this PATH (nor here)
+    assert done.returncode == 3
+    assert done.stderr.strip() == ("bench/gpu_check: no NVIDIA GPU found (nvidia-smi lists none); run it on a "
+                                   "machine with one")
+
+
+def test_gpu_names_parses_nvidia_smi(monkeypatch):
+    gpu_check = _gpu_check_module()
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    listing = "GPU 0: NVIDIA H200 (UUID: GPU-1234)\nGPU 1: NVIDIA H200 (UUID: GPU-5678)\n"
+    ok = lambda *a, **k: subprocess.CompletedProcess(a, 0, listing, "")  # noqa: E731
+    assert gpu_check.gpu_names(ok) == ["NVIDIA H200", "NVIDIA H200"]
+    failed = lambda *a, **k: subprocess.CompletedProcess(a, 9, "", "NVIDIA-SMI has failed")  # noqa: E731
+    assert gpu_check.gpu_names(failed) == []
+
+
+def test_gpu_check_requirements_keep_a_machines_torch():
+    gpu_check = _gpu_check_module()
+    text = (ROOT / "pyproject.toml").read_text()
+    with_torch = gpu_check.requirements(text, have_torch=True)
+    assert not any(r.startswith("torch") for r in with_torch)
+    assert "torch==2.13.0" in gpu_check.requirements(text, have_torch=False)
+    assert with_torch.count("onnxruntime-gpu") == 1 and not any(r.startswith("onnxruntime>") for r in with_torch)
+    assert any(r.startswith("httpx") for r in with_torch) and any(r.startswith("onnx>") for r in with_torch)
+
+
+def test_gpu_report_logic():
+    from bench import gpu
+
+    assert gpu.parse_gpu_memory("1234, 5678\n99, 10\nbad line\n") == {1234: 5678, 99: 10}
+    load = {"items_per_s": 3000.0, "units_per_s": 384000.0, "unit": "tokens", "p50_ms": 20.0, "p99_ms": 40.0,
+            "server": {"mean_batch": 60.0, "padded_fraction": 0.02}, "errors": {}}
+    rows = [gpu.case_row(gpu.Case("text-128", "text-fp16"), load, [{"batch": 64, "items_per_s": 3200.0}], 4000),
+            gpu.case_row(gpu.Case("text-128", "text"), {**load, "items_per_s": 1000.0, "units_per_s": 128000.0},
+                         [], None)]
+    assert rows[0]["server_over_raw"] == 0.94 and rows[1]["server_over_raw"] is None
+    speedups = gpu.fp16_speedups(rows)
+    assert speedups == {"text-128": 3.0}
+    goals = {g["goal"]: g["met"] for g in gpu.goals(rows, speedups)}
+    assert goals["base text fp16 >= 400k tokens/s at 128 tokens"] is False
+    assert goals["base audio >= 5000 s of audio per second (fp16, 2 s clips)"] is None
+    assert goals["fp16 >= 2 x fp32 (text-128)"] is True
+    results = {"cases": rows, "fp16": {"text-fp16": {"provider": gpu.CUDA, "cuda_cosine": 0.9999, "ok": True}},
+               "fp16_over_fp32": speedups, "ddp": {"ok": True, "detail": "exit 0, 5 steps"},
+               "goals": gpu.goals(rows, speedups)}
+    text = gpu.render(results)
+    assert "| text-128 | text-fp16 | 3000 | 384000 tokens | 20.0 / 40.0 | 60.0 | 0.02 | 4000 | 3200 (b64) | 0.94 |" \
+        in text
+    assert "NCCL DDP smoke (torchrun, 1 GPU, d2v-train): ok" in text
+
+
+def test_combined_load_generators():
+    from bench.server import combine_loads
+
+    one = {"calls": 10, "items": 8, "items_per_s": 4.0, "units_per_s": 48.0, "distinct_inputs": 10, "concurrency": 2,
+           "errors": {"x": 1}, "p50_ms": 10.0, "p99_ms": 30.0, "mean_ms": 12.0, "window_s": 2.0, "server": {"a": 1}}
+    two = {**one, "items_per_s": 6.0, "p50_ms": 14.0, "p99_ms": 50.0, "errors": {"x": 2, "y": 1}, "server": {}}
+    both = combine_loads([one, two])
+    assert both["items_per_s"] == 10.0 and both["concurrency"] == 4 and both["errors"] == {"x": 3, "y": 1}
+    assert both["p50_ms"] == 12.0 and both["p99_ms"] == 50.0 and both["server"] == {"a": 1}
+    assert combine_loads([one]) is one
