@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -57,10 +58,13 @@ def prepared_inputs(model_file: Path, workload_name: str, n: int, seed: int = 0)
 
 
 def raw_ort(model_file: Path, workload_name: str, batches: list[int], duration: float, threads: int,
-            device: str = "cpu", sort_by_length: bool = False) -> list[dict[str, Any]]:
-    """Items/s of the model file run directly (one session with the server's settings) on the workload's inputs,
-    for each batch size in turn (each for `duration` seconds and at least two batches). `sort_by_length` forms
-    batches of neighbours in length (what an ideal offline batcher does)."""
+            device: str = "cpu", sort_by_length: bool = False, cpus: str = "") -> list[dict[str, Any]]:
+    """Items/s (and items per CPU-second) of the model file run directly (one session with the server's
+    settings) on the workload's inputs, for each batch size in turn (each for `duration` seconds and at least two
+    batches). `sort_by_length` forms batches of neighbours in length (what an ideal offline batcher does);
+    `cpus` pins this process like the server."""
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     from d2v_serve.config import ServerConfig
     from d2v_serve.preprocess import collate
     from d2v_serve.registry import runtime_settings
@@ -79,13 +83,14 @@ def raw_ort(model_file: Path, workload_name: str, batches: list[int], duration: 
                  for i in range(0, len(items) - batch + 1, batch)]
         runner.run(feeds[0], outputs)  # warm-up
         done = valid = positions = 0
-        start, i = time.perf_counter(), 0
+        start, cpu, i = time.perf_counter(), time.process_time(), 0
         while time.perf_counter() - start < duration or done < 2 * batch:
             mask = runner.run(feeds[i % len(feeds)], outputs)["output_mask"]
             done, valid, positions = done + batch, valid + int(mask.sum()), positions + mask.size
             i += 1
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         results.append({"batch": batch, "items_per_s": round(done / seconds, 3),
+                        "items_per_cpu_s": round(done / cpu, 3) if cpu > 0 else None,
                         "padded_fraction": round(1 - valid / positions, 4), "provider": runner.provider})
     return results
 

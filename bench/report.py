@@ -24,6 +24,10 @@ def workload_row(name: str, model: str, loads: dict[int, dict[str, Any]], raw: S
         "batching_gain": ratio(high.get("items_per_s"), low.get("items_per_s")),  # top concurrency / lowest
         "server_over_raw_best": ratio(high.get("items_per_s"), best_raw["items_per_s"] if best_raw else None),
     }
+    # the same ratios per CPU-second: what a shared, noisy machine cannot skew
+    cpu_raw = max((r["items_per_cpu_s"] for r in raw if r.get("items_per_cpu_s")), default=None)
+    row["cpu_batching_gain"] = ratio(high.get("items_per_cpu_s"), low.get("items_per_cpu_s"))
+    row["cpu_server_over_raw_best"] = ratio(high.get("items_per_cpu_s"), cpu_raw)
     if flops_per_item and high.get("items_per_s"):
         gflops = flops_per_item * high["items_per_s"] / 1e9
         row["model_gflops_per_s"] = round(gflops, 2)
@@ -101,7 +105,8 @@ def render(results: dict[str, Any]) -> str:
     headers = ["workload", *[f"c{c} items/s" for c in levels]]
     if len(levels) > 1:
         headers.append(f"c{levels[-1]}/c{levels[0]}")
-    headers += ["raw ORT best (batch)", "server/raw", *[f"p50/p99 ms c{c}" for c in levels],
+    headers += ["raw ORT best (batch)", "server/raw", "per CPU-s: gain, server/raw",
+                *[f"p50/p99 ms c{c}" for c in levels],
                 "mean batch", "padded", "units/s", "GFLOP/s (of peak)"]
     rows = []
     for w in results.get("workloads", []):
@@ -114,6 +119,7 @@ def render(results: dict[str, Any]) -> str:
             row.append(w.get("batching_gain"))
         row += [f"{markdown_number(best['items_per_s'])} (b{best['batch']})" if best else "-",
                 w.get("server_over_raw_best"),
+                f"{markdown_number(w.get('cpu_batching_gain'))}, {markdown_number(w.get('cpu_server_over_raw_best'))}",
                 *[_latency(by.get(str(c))) for c in levels], server.get("mean_batch"),
                 server.get("padded_fraction", server.get("padded_fraction_per_batch")),
                 f"{markdown_number(top.get('units_per_s'))} {w.get('unit', '')}" if top else "-",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,20 @@ def rss_mb(pid: int) -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inputs_done(metrics_page: str, model: str) -> float:
+    """Inputs the server has embedded with `model` (d2v_inputs_total)."""
+    return sum(v for k, v in counters(metrics_page, "d2v_inputs").items() if dict(k).get("model") == model)
 
 
 def batch_stats(before: str, after: str, model: str) -> dict[str, Any]:
@@ -70,7 +85,9 @@ class D2vServer:
     """`d2v-serve` on a few model files (a temporary folder of links), bound to loopback. A context manager."""
 
     def __init__(self, model_files: Sequence[Path], extra_args: Sequence[str] = (), start_timeout: float = 600.0,
-                 executable: str | None = None) -> None:
+                 executable: str | None = None, cpus: str = "") -> None:
+        """`cpus`: pin the server to these CPUs (taskset -c), e.g. '0' or '0,1'."""
+        self.cpus = cpus
         self.model_files = [Path(f).resolve() for f in model_files]
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
@@ -106,7 +123,8 @@ class D2vServer:
         for f in self.model_files:
             (Path(self._dir.name) / f.name).symlink_to(f)
         start = time.perf_counter()
-        self.proc = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self.proc = subprocess.Popen(pin + self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = start + self.start_timeout
         while True:  # cold start: process start to health SERVING (models loaded and warmed up)
             try:
@@ -123,6 +141,12 @@ class D2vServer:
             time.sleep(0.05)
         self.cold_start_s = time.perf_counter() - start
         return self
+
+    def usage(self, model: str) -> tuple[float, float]:
+        """(CPU seconds the server has used, inputs it has embedded with `model`): per-item CPU cost from two."""
+        with urllib.request.urlopen(self.metrics_url, timeout=30) as reply:
+            page = reply.read().decode()
+        return cpu_seconds(self.proc.pid), inputs_done(page, model)
 
     def memory(self) -> dict[str, float]:
         return rss_mb(self.proc.pid) if self.proc else {}

@@ -162,8 +162,8 @@ def summary_rows(results: dict[str, Any]) -> list[list[Any]]:
         fp32_engines = [v for n, v in by.items() if n.startswith("infinity") and "int8" not in n and v]
         any_engines = [v for n, v in by.items() if n.startswith("infinity") and v]
         best, best_any = max(fp32_engines, default=None), max(any_engines, default=None)
-        rows.append([key, *by.values(), ratio(by.get("d2v fp32"), best), ratio(by.get("d2v int8"), best),
-                     ratio(by.get("d2v int8"), best_any)])
+        rows.append([key, *by.values(), ratio(by.get("d2v fp32"), best), ratio(by.get("d2v fp32 HTTP"), best),
+                     ratio(by.get("d2v int8"), best), ratio(by.get("d2v int8"), best_any)])
     return rows
 
 
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="base", choices=sorted(SIZES), help="of the random text model")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "vs-infinity")
     p.add_argument("--venv", type=Path, default=ROOT / "runs" / "infinity-venv")
+    p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                   help="also drive d2v over HTTP (/v1/embeddings), as infinity is")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -222,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             results["cold_start_s"][name] = round(server.cold_start_s, 2)
             results["servers"][name] = drive(name, server.target, http=False, model=file.stem,
                                              metrics=server.metrics_url)
+            if args.http:  # the same server over its OpenAI-compatible HTTP route, as infinity is driven
+                route = server.http_url + "/v1/embeddings"
+                results["servers"][f"{name} HTTP"] = drive(f"{name} HTTP", route, http=True, model=file.stem,
+                                                           metrics=server.metrics_url)
             results["rss"][name] = server.memory()
     names = list(results["servers"])
     table = markdown_table(["workload", *[f"{n} items/s" for n in names], "d2v fp32 / infinity best fp32",
-                            "d2v int8 / infinity best fp32", "d2v int8 / infinity best (any)"],
+                            "d2v fp32 HTTP / infinity best fp32", "d2v int8 / infinity best fp32",
+                            "d2v int8 / infinity best (any)"],
                            summary_rows(results))
     extra = markdown_table(["server", "cold start s", "RSS MiB"],
                            [[n, results["cold_start_s"].get(n), results["rss"].get(n, {}).get("rss_mb")]

@@ -196,16 +196,18 @@ def test_audio_flops_use_the_front_ends_frames():
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
-def _load(c: int, rate: float, **server) -> dict:
+def _load(c: int, rate: float, cpu_rate: float | None = None, **server) -> dict:
     return {"concurrency": c, "items_per_s": rate, "units_per_s": rate * 12, "unit": "tokens", "mean_units": 12.0,
-            "p50_ms": 10.0 * c, "p99_ms": 20.0 * c, "server": server}
+            "p50_ms": 10.0 * c, "p99_ms": 20.0 * c, "items_per_cpu_s": cpu_rate, "server": server}
 
 
 def test_workload_row_ratios():
-    row = report.workload_row("text-12", "text", {1: _load(1, 20.0), 32: _load(32, 30.0, mean_batch=16.0)},
-                              [{"batch": 1, "items_per_s": 25.0}, {"batch": 16, "items_per_s": 40.0}],
+    row = report.workload_row("text-12", "text", {1: _load(1, 20.0, 10.0), 32: _load(32, 30.0, 12.0, mean_batch=16.0)},
+                              [{"batch": 1, "items_per_s": 25.0, "items_per_cpu_s": 16.0},
+                               {"batch": 16, "items_per_s": 40.0, "items_per_cpu_s": 15.0}],
                               flops_per_item=1e9, gemm_gflops=100.0)
     assert row["batching_gain"] == 1.5
+    assert row["cpu_batching_gain"] == 1.2 and row["cpu_server_over_raw_best"] == 0.75
     assert row["raw_ort_best"]["batch"] == 16 and row["server_over_raw_best"] == 0.75
     assert row["model_gflops_per_s"] == 30.0 and row["fraction_of_gemm_peak"] == 0.3
 
@@ -233,7 +235,7 @@ def test_goals_and_render():
     assert met["ORT fp32 >= 1.3 x torch eager (text 8x128, 2 thread(s))"] is True
     assert met["int8 >= 3 x fp32 (text 8x128, 2 thread(s))"] is False
     text = report.render(results)
-    assert "| text-12 | 20.0 | 19.5 | 0.97 | 20.0 (b1) | 0.97 | 10 / 20 | 320 / 640 |" in text
+    assert "| text-12 | 20.0 | 19.5 | 0.97 | 20.0 (b1) | 0.97 | -, - | 10 / 20 | 320 / 640 |" in text
     assert "10 / 20" in text and "320 / 640" in text
     assert "| text | 3.2 | 900 | 950 |" in text
     assert "GEMM peak" in text and "**no**" in text
@@ -262,11 +264,20 @@ def test_parse_args_fills_the_modes_defaults():
     (["--workloads", "video"], "unknown workload"),
     (["--duration", "0"], "--duration"),
     (["--threads", "-1"], "--threads"),
+    (["--rounds", "0"], "--rounds"),
     (["--models-dir", "/no/such/dir"], "not a folder"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message):
     with pytest.raises(ValueError, match=message):
         cli.parse_args(argv)
+
+
+def test_best_of_rounds_keeps_the_faster_and_every_rate():
+    first = cli.best_of(None, {"items_per_s": 5.0, "p99_ms": 9.0})
+    second = cli.best_of(first, {"items_per_s": 7.0, "p99_ms": 8.0})
+    third = cli.best_of(second, {"items_per_s": 6.0, "p99_ms": 1.0})
+    assert third["items_per_s"] == 7.0 and third["p99_ms"] == 8.0 and third["rounds"] == [5.0, 7.0, 6.0]
+    assert cli.parse_args(["--full"]).rounds == 2 and cli.parse_args(["--rounds", "3"]).rounds == 3
 
 
 def test_raw_batches_follow_the_servers_mean_batch():
