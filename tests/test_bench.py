@@ -355,7 +355,7 @@ def test_gpu_check_requirements_keep_a_machines_torch():
     assert not any(r.startswith("torch") for r in with_torch)
     assert "torch==2.13.0" in gpu_check.requirements(text, have_torch=False)
     assert with_torch.count("onnxruntime-gpu") == 1 and not any(r.startswith("onnxruntime>") for r in with_torch)
-    assert any(r.startswith("httpx") for r in with_torch) and any(r.startswith("onnx>") for r in with_torch)
+    assert any(r.startswith("aiohttp") for r in with_torch) and any(r.startswith("onnx>") for r in with_torch)
 
 
 def test_gpu_report_logic():
