@@ -1,8 +1,9 @@
-"""ONNX Runtime's own log, through ours. ORT's C++ logger writes coloured lines straight to file descriptor 2, which
-would break a JSON log stream; it has no Python hook. So while a session is created (when ORT logs: provider
-libraries, graph checks) descriptor 2 goes to a temporary file, and the ORT lines are re-emitted afterwards on the
-`d2v_serve.onnxruntime` logger at their own severity. Sessions log nothing while they run (severity FATAL): run
-failures reach us as exceptions anyway."""
+"""ONNX Runtime's own log, through ours. ORT's C++ logger writes coloured lines straight to file descriptor 2, and its
+Python wrapper print()s to stdout when it falls back from a provider that failed; both would break a JSON log
+stream, and neither has a hook. So while a session is created (when ORT logs: provider libraries, graph checks,
+fallbacks) descriptors 1 and 2 go to temporary files, and ORT's lines are re-emitted afterwards on the
+`d2v_serve.onnxruntime` logger at their own severity (printed lines: WARNING). Sessions log nothing while they run
+(severity FATAL, no silent fallback): run failures reach us as exceptions."""
 
 from __future__ import annotations
 
@@ -49,22 +50,36 @@ def parse(text: str) -> tuple[list[OrtLine], list[str]]:
     return ort_lines, others
 
 
+def _printed(text: str) -> list[OrtLine]:
+    """ORT's print()ed lines (its Python fallback notice), without the banners."""
+    lines = [raw.strip() for raw in text.splitlines()]
+    return [OrtLine(logging.WARNING, "onnxruntime python", line) for line in lines if line and set(line) != {"*"}
+            and line.strip("* ") != "EP Error"]
+
+
 @contextlib.contextmanager
 def captured(lines: list[OrtLine]) -> Iterator[None]:
-    """Collect what ORT writes to stderr inside the block into `lines` (log them with `emit`)."""
-    with _LOCK, tempfile.TemporaryFile() as sink:
+    """Collect what ORT writes to stderr and stdout inside the block into `lines` (log them with `emit`)."""
+    with _LOCK, tempfile.TemporaryFile() as err_sink, tempfile.TemporaryFile() as out_sink:
         sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
+        sys.stdout.flush()
+        saved_err, saved_out = os.dup(2), os.dup(1)
+        os.dup2(err_sink.fileno(), 2)
+        os.dup2(out_sink.fileno(), 1)
         try:
             yield
         finally:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            found, others = parse(sink.read().decode(errors="replace"))
+            sys.stdout.flush()
+            os.dup2(saved_err, 2)
+            os.dup2(saved_out, 1)
+            os.close(saved_err)
+            os.close(saved_out)
+            err_sink.seek(0)
+            out_sink.seek(0)
+            found, others = parse(err_sink.read().decode(errors="replace"))
             lines.extend(found)
+            lines.extend(_printed(_ANSI.sub("", out_sink.read().decode(errors="replace"))))
             for line in others:  # not ORT's: pass through untouched
                 print(line, file=sys.stderr)
 

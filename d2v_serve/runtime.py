@@ -101,6 +101,7 @@ def create_session(path: str, settings: RuntimeSettings, prefer_cpu: bool = Fals
         # logging why. In auto mode that is expected: ORT's lines go to DEBUG, and one warning carries the reason.
         with ort_log.captured(lines):
             session = ort.InferenceSession(path, so, providers=[(CUDA, cuda_options(settings)), CPU])
+        session.disable_fallback()  # a CUDA failure while running raises; never a silent switch to CPU mid-serving
         fell_back = session.get_providers()[0] != CUDA
         ort_log.emit(lines, expected=fell_back and settings.device == "auto")
         if not fell_back:

@@ -277,6 +277,35 @@ def test_ort_log_lines_are_parsed() -> None:
     assert others == ['{"level": "info", "msg": "another thread"}']
 
 
+_CAPTURE_SCRIPT = """
+import logging, os, sys
+from d2v_serve import ort_log
+from d2v_serve.logs import setup_logging
+setup_logging("info", "json")
+lines = []
+with ort_log.captured(lines):
+    os.write(2, b"\\x1b[0;93m2026-12-01 21:21:39.7 [W:onnxruntime:Default, x.cc:1 F] C++ says\\x1b[m\\n")
+    print("*************** EP Error ***************")  # what ORT's Python fallback prints
+    print("EP Error boom when using ['CUDAExecutionProvider']")
+    print("****************************************")
+    logging.getLogger("d2v_serve.other").warning("meanwhile")  # another logger's line passes through
+ort_log.emit(lines)
+print("after", file=sys.stdout)
+"""
+
+
+def test_ort_output_on_both_descriptors_becomes_log_records() -> None:
+    r = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "after\n", "ORT's prints do not reach stdout"
+    records = [json.loads(line) for line in r.stderr.splitlines()]
+    assert [(e["logger"], e["level"], e["msg"]) for e in records] == [
+        ("d2v_serve.other", "warning", "meanwhile"),
+        ("d2v_serve.onnxruntime", "warning", "C++ says"),
+        ("d2v_serve.onnxruntime", "warning", "EP Error boom when using ['CUDAExecutionProvider']"),
+    ]
+
+
 _SESSION_SCRIPT = """
 import sys
 from d2v_serve.logs import setup_logging
