@@ -13,7 +13,7 @@ DISTRIBUTION = "d2v"
 
 # The modules each extra brings (import names of pyproject's optional dependencies; tests/test_packaging.py checks).
 EXTRA_MODULES = {
-    "train": {"torch", "safetensors", "tqdm", "yaml"},
+    "train": {"torch", "safetensors", "tqdm", "yaml", "matplotlib"},
     "export": {"torch", "onnx", "onnxscript", "onnxconverter_common"},
 }
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from d2v_serve.console import add_version
 from d2v_serve.evaluate import (
     EvalError,
     LabelledData,
@@ -185,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fold shuffling and probe seed (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="items per forward pass (default 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_version(p)
     return p
 
 
