@@ -181,3 +181,11 @@ def test_eval_errors_are_one_line(tmp_path, text_data, capsys):
     assert eval_main([str(write_tiny_checkpoint("text", tmp_path)), str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("d2v-eval: error: ") for line in err)
+
+
+def test_model_files_are_evaluated_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, training.evaluate, d2v_serve.evaluate; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
