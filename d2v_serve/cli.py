@@ -57,6 +57,12 @@ def _embed_parser() -> argparse.ArgumentParser:
                    help="last layer, or the data2vec target space")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of failing")
+    p.add_argument("--chunk", action="store_true", help="embed long audio and text in overlapping windows, joined "
+                                                        "into one embedding each (instead of failing or cutting)")
+    p.add_argument("--window", type=float, default=0.0, help="with --chunk: window length, audio in seconds, text in "
+                                                             "tokens (default: the model's)")
+    p.add_argument("--overlap", type=float, default=None, help="with --chunk: overlap, audio in seconds (default "
+                                                               "1), text in tokens (default 64)")
     p.add_argument("-o", "--output", help="out.npy (stacked: inputs first), out.npz (one array per input) or out.json; "
                                           "default: JSON on stdout")
     p.add_argument("--batch-size", type=int, default=32, help="inputs per request message")
@@ -150,7 +156,10 @@ def _write(arrays: list[np.ndarray], items: list[object], names: list[str], outp
 def embed_main(argv: Sequence[str] | None = None) -> int:
     from .client import Client, EmbedError
 
-    args = _embed_parser().parse_args(argv)
+    parser = _embed_parser()
+    args = parser.parse_args(argv)
+    if (args.window or args.overlap is not None) and not args.chunk:
+        parser.error("--window and --overlap need --chunk")
     root = Path(args.ca).read_bytes() if args.ca else None
     names: list[str] = []
     try:
@@ -170,7 +179,8 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
                     vectors = client.embed_stream(
                         [items[i] for i in indices], args.model, batch_size=args.batch_size, timeout=args.timeout,
                         pooling=args.pooling, normalize=args.normalize, representation=args.representation,
-                        dtype=args.dtype, truncate=args.truncate)
+                        dtype=args.dtype, truncate=args.truncate, chunk=args.chunk, window=args.window,
+                        overlap=args.overlap)
                     for i, vector in zip(indices, vectors, strict=True):
                         arrays[i] = vector
                 except EmbedError as exc:

@@ -115,13 +115,21 @@ def to_input(x: InputLike) -> pb.Input:
 
 
 def options(pooling: str = "mean", normalize: bool = False, representation: str = "last", dtype: str = "float32",
-            truncate: bool = False) -> pb.EmbedOptions:
+            truncate: bool = False, chunk: bool = False, window: float = 0.0, overlap: float | None = None,
+            windows: bool = False) -> pb.EmbedOptions:
+    """The request's EmbedOptions. `chunk`: long audio and text in windows of `window` (audio seconds, text tokens;
+    0: the model's default) overlapping by `overlap` (None: the default); `windows`: the per-window breakdown."""
     for value, table, name in ((pooling, POOLING, "pooling"), (representation, REPRESENTATION, "representation"),
                                (dtype, DTYPE, "dtype")):
         if value not in table:
             raise ValueError(f"{name} must be one of {', '.join(table)}, got {value!r}")
+    if (window or overlap is not None or windows) and not chunk:
+        raise ValueError("window, overlap and windows need chunk=True")
+    chunking = pb.Chunking(enabled=chunk, window=window, windows=windows)
+    if overlap is not None:
+        chunking.overlap = overlap
     return pb.EmbedOptions(pooling=POOLING[pooling], normalize=normalize, representation=REPRESENTATION[representation],
-                           dtype=DTYPE[dtype], truncate=truncate)
+                           dtype=DTYPE[dtype], truncate=truncate, chunking=chunking)
 
 
 def _error(exc: grpc.RpcError) -> EmbedError:
@@ -174,17 +182,32 @@ class Client:
 
     def embed(self, inputs: InputLike | Sequence[InputLike], model: str = "", *, pooling: str = "mean",
               normalize: bool = False, representation: str = "last", dtype: str = "float32", truncate: bool = False,
+              chunk: bool = False, window: float = 0.0, overlap: float | None = None,
               timeout: float | None = None) -> np.ndarray | list[np.ndarray]:
         """Embeddings of one input (an array) or of a list of inputs (a list of arrays, in order).
 
-        Pooled: [hidden] per input; pooling="none": [positions, hidden].
+        Pooled: [hidden] per input; pooling="none": [positions, hidden]. `chunk`: long inputs in overlapping
+        windows (`window`, `overlap`: audio seconds, text tokens; defaults from the model), joined into one
+        embedding each; `embed_windows` gives the per-window breakdown.
         """
         single = not isinstance(inputs, list | tuple)
         batch = [inputs] if single else list(inputs)
         request = pb.EmbedRequest(model=model, inputs=[to_input(x) for x in batch],
-                                  options=options(pooling, normalize, representation, dtype, truncate))
+                                  options=options(pooling, normalize, representation, dtype, truncate, chunk, window,
+                                                  overlap))
         arrays = [from_tensor(e.tensor) for e in self.embed_request(request, timeout).embeddings]
         return arrays[0] if single else arrays
+
+    def embed_windows(self, x: InputLike, model: str = "", *, window: float = 0.0, overlap: float | None = None,
+                      timeout: float | None = None, **opts: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """One input chunked: its joined embedding and its windows (start, end, positions, kept_start, kept_end,
+        and `embedding`, the window's output alone)."""
+        request = pb.EmbedRequest(model=model, inputs=[to_input(x)],
+                                  options=options(**opts, chunk=True, window=window, overlap=overlap, windows=True))
+        embedding = self.embed_request(request, timeout).embeddings[0]
+        windows = [{"start": w.start, "end": w.end, "positions": w.positions, "kept_start": w.kept_start,
+                    "kept_end": w.kept_end, "embedding": from_tensor(w.tensor)} for w in embedding.windows]
+        return from_tensor(embedding.tensor), windows
 
     def embed_stream(self, inputs: Iterable[InputLike], model: str = "", *, batch_size: int = 16,
                      timeout: float | None = None, **opts: Any) -> Iterator[np.ndarray]:
@@ -252,4 +275,6 @@ def model_dict(info: pb.ModelInfo) -> dict[str, Any]:
         "execution_provider": info.execution_provider, "ready": info.ready, "max_tokens": info.max_tokens,
         "max_audio_seconds": info.max_audio_seconds, "image_size": info.image_size, "sample_rate": info.sample_rate,
         "file": info.file, "metadata": json.loads(info.metadata_json) if info.metadata_json else {},
+        "chunk_window": info.chunk_window, "chunk_overlap": info.chunk_overlap,
+        "max_chunked_audio_seconds": info.max_chunked_audio_seconds, "max_chunked_tokens": info.max_chunked_tokens,
     }

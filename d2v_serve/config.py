@@ -64,6 +64,11 @@ class ServerConfig:
                                                                "lengths per doubling: at most 1/N padding, a bounded "
                                                                "number of shapes (0: exact; -1: 8 on CUDA, 0 on CPU)"})
     # request limits
+    max_chunked_audio_seconds: float = field(default=3600.0, metadata={"help": "longest audio input with chunking, "
+                                                                              "from its header before decoding"})
+    max_chunked_tokens: int = field(default=32768, metadata={"help": "longest text input with chunking, in tokens "
+                                                                      "(its characters are checked first, before "
+                                                                      "tokenizing)"})
     max_request_inputs: int = field(default=512, metadata={"help": "inputs in one request"})
     max_audio_seconds: float = field(default=120.0, metadata={"help": "longest audio input, from its header before "
                                                                        "decoding (longer: INVALID_ARGUMENT, or cut "
@@ -120,6 +125,9 @@ class ServerConfig:
         for name in ("length_buckets", "batch_fill_gflop"):
             if getattr(self, name) < -1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= -1, got {getattr(self, name)}")
+        for name in ("max_chunked_audio_seconds", "max_chunked_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_padding < 1.0:
             raise ValueError(f"--max-padding must be in [0, 1), got {self.max_padding}")
         nonneg = ("port", "http_port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",

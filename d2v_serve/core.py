@@ -22,9 +22,10 @@ import numpy as np
 
 from . import metrics
 from .batcher import Batcher, Item, ItemResult
+from .chunking import ChunkPlan, WindowPart, join
 from .config import ServerConfig
 from .errors import ServeError, internal, invalid_argument, not_found, shutting_down, unavailable
-from .inputs import Prepared, check_modality, input_bytes, input_modality, prepare, prepare_texts
+from .inputs import Prepared, check_modality, chunk_plan, input_bytes, input_modality, prepare, prepare_texts
 from .memory import release_free_memory
 from .postprocess import OutputOptions, output_options
 from .registry import REPRESENTATIONS, Model
@@ -38,10 +39,23 @@ _TRIM_AFTER_BYTES = 64 * 2**20  # idle again after preprocessing this much: hand
 
 
 @dataclass(slots=True)
+class WindowResult:
+    """One window of a chunked input (the per-window breakdown)."""
+
+    start: float  # its span of the input: audio seconds; text token positions of the whole input
+    end: float
+    positions: int  # its own valid output positions
+    kept_start: int  # the whole input's positions [kept_start, kept_end) joined from this window
+    kept_end: int
+    value: np.ndarray  # the window's output alone, under the request's options
+
+
+@dataclass(slots=True)
 class Embedding:
     value: np.ndarray  # [hidden] pooled, or [positions, hidden]; float32 or float16, little-endian, C order
-    positions: int  # valid output positions of the input
+    positions: int  # valid output positions of the input (chunked: of the stitched whole)
     truncated: bool  # the input was cut to fit (only with options.truncate)
+    windows: list[WindowResult] | None = None  # with chunking.windows
 
 
 @dataclass(slots=True)
@@ -89,6 +103,10 @@ class ModelInfo:
     max_audio_seconds: float = 0.0  # audio
     sample_rate: int = 0  # audio
     image_size: int = 0  # image
+    chunk_window: float = 0.0  # chunking defaults: audio seconds, text tokens
+    chunk_overlap: float = 0.0
+    max_chunked_audio_seconds: float = 0.0
+    max_chunked_tokens: int = 0
 
 
 class ByteBudget:
@@ -245,6 +263,7 @@ class EmbeddingCore:
         if self.draining:
             raise shutting_down()
         options = output_options(model, request.options)
+        plan = chunk_plan(model, request.options.chunking)
         n = len(request.inputs)
         if n == 0:
             raise invalid_argument("request has no inputs")
@@ -260,30 +279,47 @@ class EmbeddingCore:
         if batcher is None or batcher.state == "warming":
             raise unavailable(f"model {model.name} is warming up")
         await self._reserve(batcher, n, wait)
+        reserved = n
         items: list[Item] = []
         try:
             size = sum(input_bytes(inp) for inp in request.inputs)
             async with self._budget.hold(size):
-                prepared = await self._prepare_all(model, request.inputs, request.options.truncate)
+                prepared = await self._prepare_all(model, request.inputs, request.options.truncate, plan)
             self._bytes_since_trim += size
-            self._check_response_size(model, prepared, options)
+            self._check_response_size(model, prepared, options, plan)
             preprocess_s = time.perf_counter() - start
             metrics.child(metrics.STAGE_SECONDS, model.name, "preprocess").observe(preprocess_s)
-            items = [Item(p.value, model.cost(p.value), options.output, options, deadline) for p in prepared]
+            windows = sum(len(p.values) for p in prepared) - n  # a chunked input's windows beyond its first
+            if windows:
+                await self._reserve(batcher, windows, wait)
+                reserved += windows
+            items = [item for p in prepared for item in _items(model, p, options, plan, deadline)]
             batcher.submit(items)
         except BaseException:
             if not items:
-                batcher.release(n)
+                batcher.release(reserved)
             raise
         results = await _gather_items(items)
-        return _result(model, request, prepared, results, preprocess_s, time.perf_counter() - start)
+        return _result(model, request, prepared, results, options, plan, preprocess_s, time.perf_counter() - start)
 
-    def _check_response_size(self, model: Model, prepared: list[Prepared], options: OutputOptions) -> None:
-        """Refuse before the model runs an answer that would exceed the message limit (positions x hidden x dtype)."""
+    def _check_response_size(self, model: Model, prepared: list[Prepared], options: OutputOptions,
+                             plan: ChunkPlan | None) -> None:
+        """Refuse before the model runs an answer that would exceed the message limit (positions x hidden x dtype;
+        a chunked input's stitched positions, and its windows' outputs with the breakdown)."""
         limit_mb = self.config.max_message_mb
         per_position = int(model.meta["hidden_size"]) * options.dtype.itemsize
-        size = sum(_EMBEDDING_OVERHEAD + per_position * (model.output_positions(p.value)
-                                                         if options.pooling == "none" else 1) for p in prepared)
+        details = plan is not None and plan.details
+
+        def vectors(positions: int) -> int:
+            return positions if options.pooling == "none" else 1
+
+        size = 0
+        for p in prepared:
+            windows = [w.positions for w in p.windows] or [model.output_positions(p.value)]
+            whole = p.windows[-1].offset + p.windows[-1].positions if p.windows else windows[0]
+            size += _EMBEDDING_OVERHEAD + per_position * vectors(whole)
+            if details:
+                size += sum(_EMBEDDING_OVERHEAD + per_position * vectors(n) for n in windows)
         if size > limit_mb * 2**20:
             raise invalid_argument(f"the response would be {size / 2**20:.1f} MiB, over the {limit_mb} MiB message "
                                    "limit (--max-message-mb raises it; or send fewer inputs per request, or pool)")
@@ -300,13 +336,14 @@ class EmbeddingCore:
             await asyncio.sleep(delay)
             delay = min(2 * delay, _RETRY_S[1])
 
-    async def _prepare_all(self, model: Model, inputs: Sequence[Input], truncate: bool) -> list[Prepared]:
+    async def _prepare_all(self, model: Model, inputs: Sequence[Input], truncate: bool, plan: ChunkPlan | None
+                           ) -> list[Prepared]:
         loop = asyncio.get_running_loop()
         if model.modality == "text":  # one encode_batch call for all the texts
             texts = [inp.value for inp in inputs]
-            done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate)
+            done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate, plan)
         else:
-            jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate) for inp in inputs]
+            jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate, plan) for inp in inputs]
             done = await asyncio.gather(*jobs, return_exceptions=True)
         for i, result in enumerate(done):
             if isinstance(result, ServeError):
@@ -331,20 +368,56 @@ async def _gather_items(items: list[Item]) -> list[ItemResult]:
         raise
 
 
+def _items(model: Model, p: Prepared, options: OutputOptions, plan: ChunkPlan | None, deadline: float | None
+           ) -> list[Item]:
+    """The batch items of one prepared input: itself, or one per window (finished into its share of the join)."""
+    if not p.windows:
+        return [Item(p.value, model.cost(p.value), options.output, options, deadline)]
+    alone = options if plan is not None and plan.details else None
+    return [Item(value, model.cost(value), options.output, WindowPart(w, options.pooling, alone), deadline)
+            for w, value in zip(p.windows, p.window_values, strict=True)]
+
+
+def _embedding(model: Model, p: Prepared, results: list[ItemResult], options: OutputOptions,
+               plan: ChunkPlan | None) -> Embedding:
+    """An input's Embedding from its item results: as they are, or its windows joined."""
+    if not p.windows:
+        embedding = Embedding(results[0].value, results[0].positions, p.truncated)
+        if plan is not None and plan.details:
+            end = p.audio_seconds if model.modality == "audio" else results[0].positions
+            embedding.windows = [WindowResult(0.0, end, results[0].positions, 0, results[0].positions,
+                                              results[0].value)]
+        return embedding
+    parts = [r.value[0] for r in results]
+    value = options.finish_vectors(join(parts, p.windows, options.pooling))
+    positions = p.windows[-1].offset + p.windows[-1].positions
+    embedding = Embedding(value, positions, p.truncated)
+    if plan is not None and plan.details:
+        # span of the input: audio seconds; text token positions (its tokens sit after the whole input's <s>)
+        scale, shift = (1 / model.sample_rate, 0) if model.modality == "audio" else (1, 1)
+        embedding.windows = [WindowResult(w.start * scale + shift, w.end * scale + shift, r.positions, w.keep[0],
+                                          w.keep[1], r.value[1]) for w, r in zip(p.windows, results, strict=True)]
+    return embedding
+
+
 def _result(model: Model, request: EmbedRequest, prepared: list[Prepared], results: list[ItemResult],
-            preprocess_s: float, total_s: float) -> EmbedResult:
-    positions = [r.positions for r in results]
-    usage = Usage(inputs=len(results), positions=sum(positions))
+            options: OutputOptions, plan: ChunkPlan | None, preprocess_s: float, total_s: float) -> EmbedResult:
+    embeddings, first = [], 0
+    for p in prepared:
+        count = len(p.values)
+        embeddings.append(_embedding(model, p, results[first: first + count], options, plan))
+        first += count
+    positions = [e.positions for e in embeddings]
+    usage = Usage(inputs=len(embeddings), positions=sum(positions))
     if model.modality == "text":
-        usage.tokens = sum(len(p.value) for p in prepared)
+        usage.tokens = sum(positions)
     elif model.modality == "audio":
         usage.audio_frames = sum(positions)
         usage.audio_seconds = sum(p.audio_seconds for p in prepared)
     else:
-        usage.images = len(results)
+        usage.images = len(embeddings)
     timings = Timings(preprocess_ms=1000 * preprocess_s, queue_ms=1000 * max(r.queue_s for r in results),
                       inference_ms=1000 * max(r.run_s for r in results), total_ms=1000 * total_s)
-    embeddings = [Embedding(r.value, r.positions, p.truncated) for r, p in zip(results, prepared, strict=True)]
     return EmbedResult(model.name, embeddings, usage, timings, request.request_id)
 
 
@@ -356,9 +429,13 @@ def model_info(model: Model) -> ModelInfo:
         representations=[k for k in REPRESENTATIONS if k in model.outputs], execution_provider=model.runner.provider,
         ready=model.ready, file=model.path.name, metadata_json=model.public_metadata,
     )
+    if model.chunk is not None:
+        info.chunk_window, info.chunk_overlap = model.chunk.window, model.chunk.overlap
     if model.modality == "text":
         info.max_tokens = model.max_tokens
+        info.max_chunked_tokens = model.chunk.max_tokens
     elif model.modality == "audio":
+        info.max_chunked_audio_seconds = model.chunk.max_seconds
         info.max_audio_seconds = model.max_samples / model.sample_rate
         info.sample_rate = model.sample_rate
     else:

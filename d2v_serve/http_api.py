@@ -46,7 +46,7 @@ from .http_schema import (
     ModelCard,
     ModelList,
 )
-from .request import EmbedOptions, EmbedRequest, Input, Pcm
+from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
 
@@ -372,15 +372,25 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
         body = await parse_body(request, EmbedBody)
         try:
             inputs = _each(body.inputs, native_input)
-            options = EmbedOptions(**body.options.model_dump())
+            fields = body.options.model_dump()
+            options = EmbedOptions(**{**fields, "chunking": Chunking(**fields["chunking"])})
             result = await embed_with_core(EmbedRequest(inputs, body.model, options, body.request_id),
                                            request.headers, "/v1/embed")
         except ServeError as exc:
             return serve_error_response(exc)
         encode = _b64 if body.data_format == "base64" else _as_is
-        embeddings = [{"tensor": {"shape": list(e.value.shape), "dtype": _dtype_name(e.value),
-                                  "data": encode(e.value)},
-                       "positions": e.positions, "truncated": e.truncated} for e in result.embeddings]
+
+        def tensor(value: np.ndarray) -> dict[str, Any]:
+            return {"shape": list(value.shape), "dtype": _dtype_name(value), "data": encode(value)}
+
+        embeddings = []
+        for e in result.embeddings:
+            embedding = {"tensor": tensor(e.value), "positions": e.positions, "truncated": e.truncated}
+            if e.windows is not None:
+                embedding["windows"] = [{"start": w.start, "end": w.end, "positions": w.positions,
+                                         "kept_start": w.kept_start, "kept_end": w.kept_end,
+                                         "tensor": tensor(w.value)} for w in e.windows]
+            embeddings.append(embedding)
         return _json({"model": result.model, "embeddings": embeddings, "usage": dataclasses.asdict(result.usage),
                       "timings": dataclasses.asdict(result.timings), "request_id": result.request_id})
 

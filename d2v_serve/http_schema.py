@@ -98,6 +98,16 @@ class InputBody(BaseModel):
     pcm: PcmBody | None = None
 
 
+class ChunkingBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    window: float = Field(0.0, description="audio: seconds; text: tokens per window incl. <s> and </s>; 0: the "
+                                           "model's default (ModelInfo chunk_window)")
+    overlap: float | None = Field(None, description="audio: seconds (default 1); text: tokens (default 64)")
+    windows: bool = Field(False, description="return the per-window breakdown in each embedding's `windows`")
+
+
 class OptionsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,6 +117,8 @@ class OptionsBody(BaseModel):
     normalize: bool = Field(False, description="L2-normalise each output vector")
     dtype: Literal["float32", "float16"] = "float32"
     truncate: bool = Field(False, description="cut over-long inputs instead of failing")
+    chunking: ChunkingBody = Field(default_factory=ChunkingBody, description="long audio and text in overlapping "
+                                                                              "windows, joined into one embedding")
 
 
 class EmbedBody(BaseModel):
@@ -127,10 +139,20 @@ class TensorBody(BaseModel):
     data: list[Any] | str
 
 
+class WindowBody(BaseModel):
+    start: float = Field(description="audio: seconds; text: token position in the whole input")
+    end: float
+    positions: int
+    kept_start: int
+    kept_end: int
+    tensor: TensorBody
+
+
 class EmbeddingBody(BaseModel):
     tensor: TensorBody
     positions: int
     truncated: bool
+    windows: list[WindowBody] | None = Field(None, description="with options.chunking.windows")
 
 
 class EmbedResponseBody(BaseModel):

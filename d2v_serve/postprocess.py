@@ -30,16 +30,17 @@ class OutputOptions:
         array per input (little-endian, C order). Pooling, normalising and casting run on the batch at once."""
         h = np.asarray(hidden, dtype=np.float32)
         if self.pooling == "none":
-            return [self._finish(h[i, :n]) for i, n in enumerate(positions)]
+            return [self.finish_vectors(h[i, :n]) for i, n in enumerate(positions)]
         if self.pooling == "mean":
             counts = np.maximum(positions, 1)[:, None]
             weights = (np.arange(h.shape[1]) < counts).astype(np.float32) / counts
             pooled = np.matmul(weights[:, None, :], h)[:, 0]  # [inputs, hidden]: padded rows weigh 0
         else:
             pooled = h[:, 0]
-        return list(self._finish(pooled))  # rows of one C-order array: each is C order itself
+        return list(self.finish_vectors(pooled))  # rows of one C-order array: each is C order itself
 
-    def _finish(self, h: np.ndarray) -> np.ndarray:
+    def finish_vectors(self, h: np.ndarray) -> np.ndarray:
+        """Vectors (the last axis) normalised if asked, cast to the output dtype, little-endian C order."""
         if self.normalize:
             norm = np.linalg.norm(h, axis=-1, keepdims=True)
             h = h / np.maximum(norm, 1e-12)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .batcher import Batcher, BatchPolicy
+from .chunking import ChunkDefaults, audio_defaults, text_defaults
 from .config import ServerConfig
 from .model_file import ModelFileError, read_metadata
 from .preprocess import Preprocessing, audio_frames, max_text_chars, min_audio_samples, preprocessing_from_dict
@@ -36,6 +37,7 @@ class Model:
     max_audio_seconds: float = 0.0  # audio: checked from the header before decoding
     max_image_pixels: int = 0  # image: checked from the header before decoding
     batcher: Batcher | None = field(default=None, repr=False)
+    chunk: ChunkDefaults | None = None  # audio and text: chunking defaults and limit
 
     @property
     def modality(self) -> str:
@@ -200,7 +202,13 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
     else:
         limits.update(max_image_pixels=config.max_image_pixels)
     policy = batch_policy(config, meta, preprocessing, max_tokens, runner.on_cuda)
-    return Model(path.stem, path, meta, preprocessing, runner, policy, **limits)
+    model = Model(path.stem, path, meta, preprocessing, runner, policy, **limits)
+    if modality == "text":
+        model.chunk = text_defaults(max_tokens, config.max_chunked_tokens, config.max_text_chars)
+    elif modality == "audio":
+        model.chunk = audio_defaults(meta, preprocessing.sample_rate, config.max_audio_seconds,
+                                     config.max_chunked_audio_seconds)
+    return model
 
 
 def load_models(directory: str | Path, config: ServerConfig) -> dict[str, Model]:

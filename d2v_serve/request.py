@@ -32,12 +32,23 @@ class Input:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunking:
+    """Long audio and text in overlapping windows (see `chunking.py`); the core checks the values."""
+
+    enabled: bool = False
+    window: float = 0.0  # audio seconds, or text tokens incl. <s> and </s>; 0: the model's default
+    overlap: float | None = None  # same units; None: the default (audio 1 s, text 64 tokens)
+    windows: bool = False  # return the per-window breakdown
+
+
+@dataclass(frozen=True, slots=True)
 class EmbedOptions:
     representation: str = "last"  # last | target
     pooling: str = "mean"  # mean | none | cls
     normalize: bool = False  # L2-normalise each output vector (each position with pooling none)
     dtype: str = "float32"  # float32 | float16
     truncate: bool = False  # cut inputs longer than the model takes instead of failing
+    chunking: Chunking = Chunking()
 
 
 @dataclass(slots=True)

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from ._proto.d2v.v1 import embedder_pb2 as pb
-from .core import EmbeddingCore, EmbedResult, ModelInfo, model_info
+from .core import EmbeddingCore, EmbedResult, ModelInfo, WindowResult, model_info
 from .errors import INPUT_INDEX_KEY, ServeError, shutting_down
-from .request import EmbedOptions, EmbedRequest, Input, Pcm
+from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 from .tensors import to_tensor
 from .wire import parse
 
@@ -142,8 +142,12 @@ def embed_request(request: pb.EmbedRequest) -> EmbedRequest:
     options = EmbedOptions(
         representation=_REPRESENTATIONS.get(o.representation, str(o.representation)),
         pooling=_POOLINGS.get(o.pooling, str(o.pooling)), normalize=o.normalize,
-        dtype=_DTYPES.get(o.dtype, str(o.dtype)), truncate=o.truncate)
+        dtype=_DTYPES.get(o.dtype, str(o.dtype)), truncate=o.truncate, chunking=_chunking(o.chunking))
     return EmbedRequest([_input(inp) for inp in request.inputs], request.model, options, request.request_id)
+
+
+def _chunking(c: pb.Chunking) -> Chunking:
+    return Chunking(c.enabled, c.window, c.overlap if c.HasField("overlap") else None, c.windows)
 
 
 def _input(inp: pb.Input) -> Input:
@@ -163,10 +167,15 @@ def embed_response(result: EmbedResult) -> pb.EmbedResponse:
                      audio_seconds=u.audio_seconds, images=u.images)
     timings = pb.Timings(preprocess_ms=t.preprocess_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms,
                          total_ms=t.total_ms)
-    embeddings = [pb.Embedding(tensor=to_tensor(e.value), positions=e.positions, truncated=e.truncated)
-                  for e in result.embeddings]
+    embeddings = [pb.Embedding(tensor=to_tensor(e.value), positions=e.positions, truncated=e.truncated,
+                               windows=[_window(w) for w in e.windows or ()]) for e in result.embeddings]
     return pb.EmbedResponse(model=result.model, embeddings=embeddings, usage=usage, timings=timings,
                             request_id=result.request_id)
+
+
+def _window(w: WindowResult) -> pb.Window:
+    return pb.Window(start=w.start, end=w.end, positions=w.positions, kept_start=w.kept_start, kept_end=w.kept_end,
+                     tensor=to_tensor(w.value))
 
 
 def model_info_message(info: ModelInfo) -> pb.ModelInfo:
@@ -176,4 +185,6 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
         representations=[_REPRESENTATION_ENUMS[r] for r in info.representations],
         execution_provider=info.execution_provider, ready=info.ready, file=info.file,
         metadata_json=info.metadata_json, max_tokens=info.max_tokens, max_audio_seconds=info.max_audio_seconds,
-        image_size=info.image_size, sample_rate=info.sample_rate)
+        image_size=info.image_size, sample_rate=info.sample_rate, chunk_window=info.chunk_window,
+        chunk_overlap=info.chunk_overlap, max_chunked_audio_seconds=info.max_chunked_audio_seconds,
+        max_chunked_tokens=info.max_chunked_tokens)

@@ -46,6 +46,17 @@ def text_max_positions(cfg: EncoderConfig, preprocessing: dict[str, Any]) -> int
     return min(int(preprocessing.get("max_length", max_tokens(cfg))), max_tokens(cfg))
 
 
+def training_crop_seconds(ckpt: dict[str, Any]) -> float | None:
+    """Audio: the crop the model was trained on, from the checkpoint's training config (the server's default
+    chunking window); None for checkpoints without one (imported ones)."""
+    training = ckpt.get("training")
+    data = training.get("config", {}).get("data", {}) if isinstance(training, dict) else {}
+    samples = data.get("max_samples") if isinstance(data, dict) else None
+    if not samples:
+        return None
+    return float(samples) / int(ckpt["preprocessing"].get("sample_rate", 16000))
+
+
 def build_metadata(ckpt: dict[str, Any], cfg: EncoderConfig, *, precision: str, checkpoint: str | Path,
                    checkpoint_sha256: str, opset: int, parity: dict[str, Any]) -> dict[str, Any]:
     if precision not in PRECISIONS:
@@ -64,6 +75,9 @@ def build_metadata(ckpt: dict[str, Any], cfg: EncoderConfig, *, precision: str, 
     }
     if cfg.modality == "audio":
         meta["conv_layers"] = [list(c) for c in cfg.conv_layers]
+        crop = training_crop_seconds(ckpt)
+        if crop is not None:
+            meta["training_crop_seconds"] = crop
     elif cfg.modality == "image":
         meta["image_size"] = cfg.image_size
     else:

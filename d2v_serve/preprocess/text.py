@@ -91,9 +91,9 @@ class TextPreprocessing:
                       ) -> list[tuple[np.ndarray, bool] | PreprocessError]:
         """Texts -> (ids, truncated) each, as `prepare` gives them, tokenized in one `encode_batch` call (the
         tokenizers library's own threads, without the GIL). An input that cannot be prepared gets its
-        PreprocessError (InputTooLong: too long without `truncate`) in its place. `max_length`: a lower limit than
-        the tokenizer's (a model with fewer positions)."""
-        limit = min(self.max_length, max_length) if max_length > 0 else self.max_length
+        PreprocessError (InputTooLong: too long without `truncate`) in its place. `max_length`: another limit than
+        the tokenizer's (a model with fewer positions; a long input to be cut into windows)."""
+        limit = max_length if max_length > 0 else self.max_length
         results: list[tuple[np.ndarray, bool] | PreprocessError | None] = [None] * len(texts)
         todo = []
         for i, text in enumerate(texts):
@@ -125,7 +125,7 @@ class TextPreprocessing:
         if len(ids) <= limit:
             return np.asarray(ids, dtype=np.int64), False
         if not truncate:
-            return InputTooLong(f"text is {len(ids)} tokens, the model takes at most {limit}")
+            return InputTooLong(f"text is {len(ids)} tokens, the limit is {limit}")
         ids = ids[: limit - 1] + [self.eos_id] if ids[-1] == self.eos_id else ids[:limit]
         return np.asarray(ids, dtype=np.int64), True
 

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32v/v1/embedder.proto\x12\x06\x64\x32v.v1\"w\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x06inputs\x18\x02 \x03(\x0b\x32\r.d2v.v1.Input\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.d2v.v1.EmbedOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"]\n\x05Input\x12\x0f\n\x05\x61udio\x18\x01 \x01(\x0cH\x00\x12\x1a\n\x03pcm\x18\x02 \x01(\x0b\x32\x0b.d2v.v1.PcmH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x03Pcm\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x14.d2v.v1.Pcm.Encoding\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"N\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x12\n\x0e\x45NCODING_INT16\x10\x02\"\xa3\x01\n\x0c\x45mbedOptions\x12.\n\x0erepresentation\x18\x01 \x01(\x0e\x32\x16.d2v.v1.Representation\x12 \n\x07pooling\x18\x02 \x01(\x0e\x32\x0f.d2v.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x1c\n\x05\x64type\x18\x04 \x01(\x0e\x32\r.d2v.v1.DType\x12\x10\n\x08truncate\x18\x05 \x01(\x08\"C\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.d2v.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Q\n\tEmbedding\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.d2v.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"w\n\x05Usage\x12\x0e\n\x06inputs\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x14\n\x0c\x61udio_frames\x18\x04 \x01(\x04\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06images\x18\x06 \x01(\x04\"Z\n\x07Timings\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0binput_index\x18\x03 \x01(\x05\"\xb7\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\nembeddings\x18\x02 \x03(\x0b\x32\x11.d2v.v1.Embedding\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.d2v.v1.Usage\x12 \n\x07timings\x18\x04 \x01(\x0b\x32\x0f.d2v.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x05\x65rror\x18\x06 \x01(\x0b\x32\r.d2v.v1.Error\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.d2v.v1.ModelInfo\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xd2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x08modality\x18\x02 \x01(\x0e\x32\x10.d2v.v1.Modality\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tprecision\x18\x05 \x01(\t\x12/\n\x0frepresentations\x18\x06 \x03(\x0e\x32\x16.d2v.v1.Representation\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x19\n\x11max_audio_seconds\x18\n \x01(\x01\x12\x12\n\nimage_size\x18\x0b \x01(\r\x12\x13\n\x0bsample_rate\x18\x0c \x01(\r\x12\x0c\n\x04\x66ile\x18\r \x01(\t\x12\x15\n\rmetadata_json\x18\x0e \x01(\t*j\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19REPRESENTATION_LAST_LAYER\x10\x01\x12\x19\n\x15REPRESENTATION_TARGET\x10\x02*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02*_\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_AUDIO\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x11\n\rMODALITY_TEXT\x10\x03\x32\x87\x02\n\x08\x45mbedder\x12\x34\n\x05\x45mbed\x12\x14.d2v.v1.EmbedRequest\x1a\x15.d2v.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.d2v.v1.EmbedRequest\x1a\x15.d2v.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.d2v.v1.ListModelsRequest\x1a\x1a.d2v.v1.ListModelsResponse\x12@\n\rDescribeModel\x12\x1c.d2v.v1.DescribeModelRequest\x1a\x11.d2v.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32v/v1/embedder.proto\x12\x06\x64\x32v.v1\"w\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x06inputs\x18\x02 \x03(\x0b\x32\r.d2v.v1.Input\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.d2v.v1.EmbedOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"]\n\x05Input\x12\x0f\n\x05\x61udio\x18\x01 \x01(\x0cH\x00\x12\x1a\n\x03pcm\x18\x02 \x01(\x0b\x32\x0b.d2v.v1.PcmH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x03Pcm\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x14.d2v.v1.Pcm.Encoding\x12\x13\n\x0bsample_rate\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"N\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x12\n\x0e\x45NCODING_INT16\x10\x02\"\xc7\x01\n\x0c\x45mbedOptions\x12.\n\x0erepresentation\x18\x01 \x01(\x0e\x32\x16.d2v.v1.Representation\x12 \n\x07pooling\x18\x02 \x01(\x0e\x32\x0f.d2v.v1.Pooling\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x1c\n\x05\x64type\x18\x04 \x01(\x0e\x32\r.d2v.v1.DType\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\"\n\x08\x63hunking\x18\x06 \x01(\x0b\x32\x10.d2v.v1.Chunking\"^\n\x08\x43hunking\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06window\x18\x02 \x01(\x01\x12\x14\n\x07overlap\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07windows\x18\x04 \x01(\x08\x42\n\n\x08_overlap\"C\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.d2v.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"r\n\tEmbedding\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.d2v.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x1f\n\x07windows\x18\x04 \x03(\x0b\x32\x0e.d2v.v1.Window\"}\n\x06Window\x12\r\n\x05start\x18\x01 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x01\x12\x11\n\tpositions\x18\x03 \x01(\r\x12\x12\n\nkept_start\x18\x04 \x01(\r\x12\x10\n\x08kept_end\x18\x05 \x01(\r\x12\x1e\n\x06tensor\x18\x06 \x01(\x0b\x32\x0e.d2v.v1.Tensor\"w\n\x05Usage\x12\x0e\n\x06inputs\x18\x01 \x01(\r\x12\x11\n\tpositions\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x14\n\x0c\x61udio_frames\x18\x04 \x01(\x04\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06images\x18\x06 \x01(\x04\"Z\n\x07Timings\x12\x15\n\rpreprocess_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0binput_index\x18\x03 \x01(\x05\"\xb7\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\nembeddings\x18\x02 \x03(\x0b\x32\x11.d2v.v1.Embedding\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.d2v.v1.Usage\x12 \n\x07timings\x18\x04 \x01(\x0b\x32\x0f.d2v.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x05\x65rror\x18\x06 \x01(\x0b\x32\r.d2v.v1.Error\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.d2v.v1.ModelInfo\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xbe\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x08modality\x18\x02 \x01(\x0e\x32\x10.d2v.v1.Modality\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tprecision\x18\x05 \x01(\t\x12/\n\x0frepresentations\x18\x06 \x03(\x0e\x32\x16.d2v.v1.Representation\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x19\n\x11max_audio_seconds\x18\n \x01(\x01\x12\x12\n\nimage_size\x18\x0b \x01(\r\x12\x13\n\x0bsample_rate\x18\x0c \x01(\r\x12\x0c\n\x04\x66ile\x18\r \x01(\t\x12\x15\n\rmetadata_json\x18\x0e \x01(\t\x12\x14\n\x0c\x63hunk_window\x18\x0f \x01(\x01\x12\x15\n\rchunk_overlap\x18\x10 \x01(\x01\x12!\n\x19max_chunked_audio_seconds\x18\x11 \x01(\x01\x12\x1a\n\x12max_chunked_tokens\x18\x12 \x01(\x04*j\n\x0eRepresentation\x12\x1e\n\x1aREPRESENTATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19REPRESENTATION_LAST_LAYER\x10\x01\x12\x19\n\x15REPRESENTATION_TARGET\x10\x02*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02*_\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_AUDIO\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x11\n\rMODALITY_TEXT\x10\x03\x32\x87\x02\n\x08\x45mbedder\x12\x34\n\x05\x45mbed\x12\x14.d2v.v1.EmbedRequest\x1a\x15.d2v.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.d2v.v1.EmbedRequest\x1a\x15.d2v.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.d2v.v1.ListModelsRequest\x1a\x1a.d2v.v1.ListModelsResponse\x12@\n\rDescribeModel\x12\x1c.d2v.v1.DescribeModelRequest\x1a\x11.d2v.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'd2v.v1.embedder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPRESENTATION']._serialized_start=1666
-  _globals['_REPRESENTATION']._serialized_end=1772
-  _globals['_POOLING']._serialized_start=1774
-  _globals['_POOLING']._serialized_end=1861
-  _globals['_DTYPE']._serialized_start=1863
-  _globals['_DTYPE']._serialized_end=1931
-  _globals['_MODALITY']._serialized_start=1933
-  _globals['_MODALITY']._serialized_end=2028
+  _globals['_REPRESENTATION']._serialized_start=2066
+  _globals['_REPRESENTATION']._serialized_end=2172
+  _globals['_POOLING']._serialized_start=2174
+  _globals['_POOLING']._serialized_end=2261
+  _globals['_DTYPE']._serialized_start=2263
+  _globals['_DTYPE']._serialized_end=2331
+  _globals['_MODALITY']._serialized_start=2333
+  _globals['_MODALITY']._serialized_end=2428
   _globals['_EMBEDREQUEST']._serialized_start=33
   _globals['_EMBEDREQUEST']._serialized_end=152
   _globals['_INPUT']._serialized_start=154
@@ -48,27 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PCM_ENCODING']._serialized_start=350
   _globals['_PCM_ENCODING']._serialized_end=428
   _globals['_EMBEDOPTIONS']._serialized_start=431
-  _globals['_EMBEDOPTIONS']._serialized_end=594
-  _globals['_TENSOR']._serialized_start=596
-  _globals['_TENSOR']._serialized_end=663
-  _globals['_EMBEDDING']._serialized_start=665
-  _globals['_EMBEDDING']._serialized_end=746
-  _globals['_USAGE']._serialized_start=748
-  _globals['_USAGE']._serialized_end=867
-  _globals['_TIMINGS']._serialized_start=869
-  _globals['_TIMINGS']._serialized_end=959
-  _globals['_ERROR']._serialized_start=961
-  _globals['_ERROR']._serialized_end=1020
-  _globals['_EMBEDRESPONSE']._serialized_start=1023
-  _globals['_EMBEDRESPONSE']._serialized_end=1206
-  _globals['_LISTMODELSREQUEST']._serialized_start=1208
-  _globals['_LISTMODELSREQUEST']._serialized_end=1227
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1229
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1284
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1286
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1323
-  _globals['_MODELINFO']._serialized_start=1326
-  _globals['_MODELINFO']._serialized_end=1664
-  _globals['_EMBEDDER']._serialized_start=2031
-  _globals['_EMBEDDER']._serialized_end=2294
+  _globals['_EMBEDOPTIONS']._serialized_end=630
+  _globals['_CHUNKING']._serialized_start=632
+  _globals['_CHUNKING']._serialized_end=726
+  _globals['_TENSOR']._serialized_start=728
+  _globals['_TENSOR']._serialized_end=795
+  _globals['_EMBEDDING']._serialized_start=797
+  _globals['_EMBEDDING']._serialized_end=911
+  _globals['_WINDOW']._serialized_start=913
+  _globals['_WINDOW']._serialized_end=1038
+  _globals['_USAGE']._serialized_start=1040
+  _globals['_USAGE']._serialized_end=1159
+  _globals['_TIMINGS']._serialized_start=1161
+  _globals['_TIMINGS']._serialized_end=1251
+  _globals['_ERROR']._serialized_start=1253
+  _globals['_ERROR']._serialized_end=1312
+  _globals['_EMBEDRESPONSE']._serialized_start=1315
+  _globals['_EMBEDRESPONSE']._serialized_end=1498
+  _globals['_LISTMODELSREQUEST']._serialized_start=1500
+  _globals['_LISTMODELSREQUEST']._serialized_end=1519
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1521
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1576
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1578
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1615
+  _globals['_MODELINFO']._serialized_start=1618
+  _globals['_MODELINFO']._serialized_end=2064
+  _globals['_EMBEDDER']._serialized_start=2431
+  _globals['_EMBEDDER']._serialized_end=2694
 # @@protoc_insertion_point(module_scope)

@@ -92,18 +92,32 @@ class Pcm(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., encoding: _Optional[_Union[Pcm.Encoding, str]] = ..., sample_rate: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class EmbedOptions(_message.Message):
-    __slots__ = ("representation", "pooling", "normalize", "dtype", "truncate")
+    __slots__ = ("representation", "pooling", "normalize", "dtype", "truncate", "chunking")
     REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FIELD_NUMBER: _ClassVar[int]
     representation: Representation
     pooling: Pooling
     normalize: bool
     dtype: DType
     truncate: bool
-    def __init__(self, representation: _Optional[_Union[Representation, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    chunking: Chunking
+    def __init__(self, representation: _Optional[_Union[Representation, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., truncate: _Optional[bool] = ..., chunking: _Optional[_Union[Chunking, _Mapping]] = ...) -> None: ...
+
+class Chunking(_message.Message):
+    __slots__ = ("enabled", "window", "overlap", "windows")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    window: float
+    overlap: float
+    windows: bool
+    def __init__(self, enabled: _Optional[bool] = ..., window: _Optional[float] = ..., overlap: _Optional[float] = ..., windows: _Optional[bool] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -116,14 +130,32 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("tensor", "positions", "truncated")
+    __slots__ = ("tensor", "positions", "truncated", "windows")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     positions: int
     truncated: bool
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    windows: _containers.RepeatedCompositeFieldContainer[Window]
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[int] = ..., truncated: _Optional[bool] = ..., windows: _Optional[_Iterable[_Union[Window, _Mapping]]] = ...) -> None: ...
+
+class Window(_message.Message):
+    __slots__ = ("start", "end", "positions", "kept_start", "kept_end", "tensor")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_START_FIELD_NUMBER: _ClassVar[int]
+    KEPT_END_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    start: float
+    end: float
+    positions: int
+    kept_start: int
+    kept_end: int
+    tensor: Tensor
+    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ..., positions: _Optional[int] = ..., kept_start: _Optional[int] = ..., kept_end: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("inputs", "positions", "tokens", "audio_frames", "audio_seconds", "images")
@@ -196,7 +228,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "modality", "hidden_size", "num_layers", "precision", "representations", "execution_provider", "ready", "max_tokens", "max_audio_seconds", "image_size", "sample_rate", "file", "metadata_json")
+    __slots__ = ("name", "modality", "hidden_size", "num_layers", "precision", "representations", "execution_provider", "ready", "max_tokens", "max_audio_seconds", "image_size", "sample_rate", "file", "metadata_json", "chunk_window", "chunk_overlap", "max_chunked_audio_seconds", "max_chunked_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +243,10 @@ class ModelInfo(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKED_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     modality: Modality
     hidden_size: int
@@ -225,4 +261,8 @@ class ModelInfo(_message.Message):
     sample_rate: int
     file: str
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., precision: _Optional[str] = ..., representations: _Optional[_Iterable[_Union[Representation, str]]] = ..., execution_provider: _Optional[str] = ..., ready: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., image_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., file: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    chunk_window: float
+    chunk_overlap: float
+    max_chunked_audio_seconds: float
+    max_chunked_tokens: int
+    def __init__(self, name: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., precision: _Optional[str] = ..., representations: _Optional[_Iterable[_Union[Representation, str]]] = ..., execution_provider: _Optional[str] = ..., ready: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., image_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., file: _Optional[str] = ..., metadata_json: _Optional[str] = ..., chunk_window: _Optional[float] = ..., chunk_overlap: _Optional[float] = ..., max_chunked_audio_seconds: _Optional[float] = ..., max_chunked_tokens: _Optional[int] = ...) -> None: ...
