@@ -325,3 +325,20 @@ def test_client_windows_and_cli_flags(server: ServerThread, client: Client, tmp_
     with pytest.raises(SystemExit):
         embed_main([str(wav), "--server", server.target, "--window", "2"])
     assert "--window and --overlap need --chunk" in capsys.readouterr().err
+
+
+def test_export_records_the_audio_training_crop() -> None:
+    from export.metadata import build_metadata, training_crop_seconds
+    from tests.factories import tiny_checkpoint
+    from training.checkpoint import encoder_config
+
+    ckpt = tiny_checkpoint("audio")
+    assert training_crop_seconds(ckpt) is None  # no training config (e.g. imported): the server's default applies
+    ckpt["training"] = {"config": {"data": {"max_samples": 250_000}}}
+    meta = build_metadata(ckpt, encoder_config(ckpt), precision="fp32", checkpoint="a.pt", checkpoint_sha256="0",
+                          opset=18, parity={})
+    assert meta["training_crop_seconds"] == 15.625
+    from d2v_serve.chunking import audio_defaults
+
+    assert audio_defaults(meta, 16000, 120.0, 3600.0).window == 15.625
+    assert audio_defaults({**meta, "training_crop_seconds": 30.0}, 16000, 20.0, 3600.0).window == 20.0
