@@ -125,7 +125,7 @@ class TextPreprocessing:
         if len(ids) <= limit:
             return np.asarray(ids, dtype=np.int64), False
         if not truncate:
-            return InputTooLong(f"text is {len(ids)} tokens, the limit is {limit}")
+            return InputTooLong(f"text is {len(ids)} tokens, it may have at most {limit}")
         ids = ids[: limit - 1] + [self.eos_id] if ids[-1] == self.eos_id else ids[:limit]
         return np.asarray(ids, dtype=np.int64), True
 
