@@ -5,7 +5,8 @@
 
 It starts the real `d2v-serve` on a random-weight audio model (bench.models; built once) and embeds a --minutes
 recording (a tone in noise, 16 kHz PCM) three ways, alternating for --rounds rounds and reporting the best of each
-(a shared machine only ever slows a side down):
+(a shared machine only ever slows a side down), wall time and the server process's CPU seconds (steadier on a busy
+machine):
 - chunked: one Embed call with options.chunking (the model's default window, 1 s overlap), mean pooled;
 - separate, concurrent: the same windows (the server's own plan, cut here) as one Embed call each, all in flight at
   once from a thread pool, mean pooled, joined by the client (length-weighted mean of window means);
@@ -34,6 +35,12 @@ from d2v_serve.client import Client, Pcm
 from d2v_serve.model_file import read_metadata
 
 RATE = 16000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def recording(minutes: float, seed: int = 0) -> np.ndarray:
@@ -78,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
         client.embed(Pcm(pieces[0], RATE), "audio")  # warm the connection
         best = {"chunked": np.inf, "separate_concurrent": np.inf, "separate_sequential": np.inf}
+        server_cpu = dict.fromkeys(best, np.inf)
         results: dict[str, object] = {}
         for _ in range(args.rounds):
             for name, fn in (("chunked", chunked), ("separate_concurrent", separate_concurrent),
                              ("separate_sequential", separate_sequential)):
+                cpu = cpu_seconds(server.proc.pid)
                 start = time.perf_counter()
                 results[name] = fn()
                 best[name] = min(best[name], time.perf_counter() - start)
+                server_cpu[name] = min(server_cpu[name], cpu_seconds(server.proc.pid) - cpu)
     joined = np.asarray(results["chunked"])
     # Separate calls give each window's mean over all its frames, not over its kept frames: their weighted mean is
     # close to, not equal to, the chunked join (which is exact); report how close.
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "minutes": args.minutes, "window_s": window_s, "overlap_s": DEFAULT_AUDIO_OVERLAP_S,
         "windows": len(windows), "rounds": args.rounds, "threads": args.threads,
         "seconds": {k: round(v, 3) for k, v in best.items()},
+        "server_cpu_seconds": {k: round(v, 2) for k, v in server_cpu.items()},
         "chunked_speedup_vs_concurrent": round(best["separate_concurrent"] / best["chunked"], 3),
         "chunked_speedup_vs_sequential": round(best["separate_sequential"] / best["chunked"], 3),
         "cosine_chunked_vs_client_join": round(cosine, 6),
