@@ -342,3 +342,15 @@ def test_export_records_the_audio_training_crop() -> None:
 
     assert audio_defaults(meta, 16000, 120.0, 3600.0).window == 15.625
     assert audio_defaults({**meta, "training_crop_seconds": 30.0}, 16000, 20.0, 3600.0).window == 20.0
+
+
+def test_response_size_counts_stitched_positions_and_windows(models: dict[str, TinyModel], tmp_path: Path) -> None:
+    (tmp_path / "audio.onnx").symlink_to(models["audio"].path)
+    samples = (tone(25.0, seed=9) * 20000).astype(np.int16)  # 800 KB of int16 PCM: within a 1 MiB message
+    with ServerThread(tmp_path, max_message_mb=1) as srv, Client(srv.target) as client:
+        stitched = client.embed(Pcm(samples, RATE), "audio", chunk=True, window=2.0, overlap=1.5, pooling="none")
+        assert stitched.shape == (audio_frames(len(samples), CONV), HIDDEN)  # 320 KB: fits
+        request = pb.EmbedRequest(model="audio", inputs=[to_input(Pcm(samples, RATE))], options=options(
+            chunk=True, window=2.0, overlap=1.5, pooling="none", windows=True))  # + 47 windows x 99 frames
+        error = pytest.raises(EmbedError, client.embed_request, request).value
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "over the 1 MiB message limit" in error.message
