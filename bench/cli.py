@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             top = loads[w.name][args.levels[-1]]
             results["workloads"].append(report.workload_row(
                 w.name, name, loads[w.name], list(raws[w.name].values()),
-                item_flops(models_dir, w, top.get("mean_units")), results.get("gemm", {}).get("gflops")))
+                item_flops(models_dir, w, top.get("mean_units")), results.get("gemm", {}).get("gflops_per_cpu_s")))
     for modality, batch, length in mode.engines if not args.no_engines else ():
         ckpt = models_dir / f"{modality}.pt"
         files = {p: models_dir / f"{modality}{'' if p == 'fp32' else '-' + p}.onnx" for p in ("fp32", "int8")}

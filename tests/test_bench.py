@@ -209,7 +209,8 @@ def test_workload_row_ratios():
     assert row["batching_gain"] == 1.5
     assert row["cpu_batching_gain"] == 1.2 and row["cpu_server_over_raw_best"] == 0.75
     assert row["raw_ort_best"]["batch"] == 16 and row["server_over_raw_best"] == 0.75
-    assert row["model_gflops_per_s"] == 30.0 and row["fraction_of_gemm_peak"] == 0.3
+    assert row["model_gflops_per_s"] == 30.0 and row["model_gflops_per_cpu_s"] == 12.0
+    assert row["fraction_of_gemm_peak"] == 0.12
 
 
 def test_goals_and_render():
