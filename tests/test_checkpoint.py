@@ -116,3 +116,36 @@ def test_import_cli_errors_are_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no config.json" in result.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: the marker that the pickle ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_import_cli_refuses_hostile_weights_in_one_line(tmp_path):
+    """A pickle that would run code, a foreign pickle, a foreign safetensors file: one line, exit 1, nothing run."""
+    marker = tmp_path / "pwned"
+    hf_dir = hf_text(tmp_path / "hf")
+    (hf_dir / "model.safetensors").unlink()
+
+    def import_error() -> str:
+        result = subprocess.run([sys.executable, "-m", "training.import_hf", str(hf_dir), "-o", str(tmp_path / "x.pt")],
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+        return result.stderr
+
+    torch.save({"w": _Payload(str(marker))}, hf_dir / "pytorch_model.bin")
+    error = import_error()
+    assert "pytorch_model.bin: refused: the pickle holds more than weights" in error
+    assert "nothing in it was run" in error
+    (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04" + b"junk" * 10)
+    assert "pytorch_model.bin: not a readable PyTorch weights file" in import_error()
+    (hf_dir / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "model.safetensors: not a readable safetensors file" in import_error()
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()

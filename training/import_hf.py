@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -100,15 +102,34 @@ def encoder_config_from_hf(hf: dict[str, Any], weight_names: Iterable[str] | Non
     )
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     safetensors_file = directory / "model.safetensors"
     if safetensors_file.is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(safetensors_file))
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... on foreign or truncated bytes
+            raise HFImportError(f"{safetensors_file}: not a readable safetensors file ({_first_line(e)})") from None
     bin_file = directory / "pytorch_model.bin"
     if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # the unpickler warns about protocols on foreign pickles
+                warnings.simplefilter("ignore")
+                return torch.load(bin_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # a pickle that wants more than tensors: code, or foreign objects
+            # torch's message: a paragraph of advice, the unpickler's reason, a link; keep the reason
+            paragraphs = [" ".join(part.split()) for part in str(e).split("\n\n") if part.strip()]
+            reason = "; ".join(p for p in paragraphs[1:] if not p.startswith("Check the documentation"))
+            raise HFImportError(f"{bin_file}: refused: the pickle holds more than weights "
+                                f"({reason[:200] or _first_line(e)}); nothing in it was run") from None
+        except Exception as e:  # noqa: BLE001 - the unpickler raises anything on foreign bytes (EOFError, ...)
+            raise HFImportError(f"{bin_file}: not a readable PyTorch weights file ({_first_line(e)})") from None
     if any(directory.glob("*.safetensors.index.json")) or any(directory.glob("pytorch_model.bin.index.json")):
         raise HFImportError(f"{directory}: sharded checkpoints are not supported; merge the shards first")
     raise HFImportError(f"{directory}: no model.safetensors or pytorch_model.bin")
