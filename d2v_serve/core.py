@@ -28,8 +28,9 @@ from .errors import ServeError, internal, invalid_argument, not_found, shutting_
 from .inputs import Prepared, check_modality, chunk_plan, input_bytes, input_modality, prepare, prepare_texts
 from .memory import release_free_memory
 from .postprocess import OutputOptions, output_options
+from .preprocess import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, audio_frames, frame_limit
 from .registry import REPRESENTATIONS, Model
-from .request import EmbedRequest, Input
+from .request import EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class EmbeddingCore:
         self._idle.set()
         self._budget = ByteBudget(config.max_preprocess_mb * 2**20)
         self._bytes_since_trim = 0
+        self.last_call_at = 0.0  # time.monotonic() of the latest call's arrival
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -162,6 +164,13 @@ class EmbeddingCore:
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return False
 
+    async def wait_quiet(self, quiet_s: float, timeout: float) -> None:
+        """Wait until no call has arrived for `quiet_s` (at most `timeout`): while draining, calls racing the
+        shutdown still get their UNAVAILABLE from us instead of a CANCELLED from the closing transport."""
+        end = time.monotonic() + timeout
+        while (now := time.monotonic()) < end and now - self.last_call_at < quiet_s:
+            await asyncio.sleep(min(quiet_s, end - now) / 4)
+
     def cut(self) -> int:
         """The grace is over: cancel the calls still in flight. A transport that sees `cutting` when its call is
         cancelled answers `shutting_down()` (UNAVAILABLE) instead of a bare cancellation. Returns how many."""
@@ -173,6 +182,7 @@ class EmbeddingCore:
     @contextlib.contextmanager
     def tracked(self) -> Iterator[None]:
         """Count a transport call as in flight (the drain waits for it, `cut` cancels it)."""
+        self.last_call_at = time.monotonic()
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -278,6 +288,8 @@ class EmbeddingCore:
         batcher = model.batcher
         if batcher is None or batcher.state == "warming":
             raise unavailable(f"model {model.name} is warming up")
+        # what the request alone tells (pooled outputs, images, raw PCM), before any decoding; exact after it
+        self._check_least_response_size(model, request.inputs, options)
         await self._reserve(batcher, n, wait)
         reserved = n
         items: list[Item] = []
@@ -320,9 +332,14 @@ class EmbeddingCore:
             size += _EMBEDDING_OVERHEAD + per_position * vectors(whole)
             if details:
                 size += sum(_EMBEDDING_OVERHEAD + per_position * vectors(n) for n in windows)
-        if size > limit_mb * 2**20:
-            raise invalid_argument(f"the response would be {size / 2**20:.1f} MiB, over the {limit_mb} MiB message "
-                                   "limit (--max-message-mb raises it; or send fewer inputs per request, or pool)")
+        _refuse_over_message_limit(size, limit_mb)
+
+    def _check_least_response_size(self, model: Model, inputs: Sequence[Input], options: OutputOptions) -> None:
+        """The same check before any decoding, from what the request alone tells (pooled outputs, images, raw PCM)."""
+        per_position = int(model.meta["hidden_size"]) * options.dtype.itemsize
+        size = sum(_EMBEDDING_OVERHEAD + per_position * (least_output_positions(model, inp)
+                                                         if options.pooling == "none" else 1) for inp in inputs)
+        _refuse_over_message_limit(size, self.config.max_message_mb)
 
     async def _reserve(self, batcher: Batcher, n: int, wait: bool) -> None:
         delay = _RETRY_S[0]
@@ -353,6 +370,28 @@ class EmbeddingCore:
                 raise internal(f"input {i}: preprocessing failed ({type(result).__name__}); the server log has the "
                                "details")
         return done
+
+
+def _refuse_over_message_limit(size: int, limit_mb: int) -> None:
+    if size > limit_mb * 2**20:
+        raise invalid_argument(f"the response would be {size / 2**20:.1f} MiB, over the {limit_mb} MiB message "
+                               "limit (--max-message-mb raises it; or send fewer inputs per request, or pool)")
+
+
+def least_output_positions(model: Model, inp: Input) -> int:
+    """The fewest output positions an input can give, from the request alone: an image's fixed count, raw PCM's from
+    its length and rate (capped at the audio limit); 0 where only decoding tells (encoded audio, text)."""
+    if model.modality == "image":
+        return model.image_positions
+    pcm = inp.value
+    if not isinstance(pcm, Pcm) or not MIN_SAMPLE_RATE <= pcm.sample_rate <= MAX_SAMPLE_RATE:
+        return 0
+    frame_bytes = {"float32": 4, "int16": 2}.get(pcm.encoding, 0) * max(1, pcm.channels)
+    if not frame_bytes:
+        return 0
+    frames = min(len(pcm.data) // frame_bytes, frame_limit(model.max_audio_seconds, pcm.sample_rate))
+    samples = frames * model.sample_rate // pcm.sample_rate - 1  # resampling may round one sample down
+    return int(audio_frames(max(0, samples), model.meta["conv_layers"]))
 
 
 async def _gather_items(items: list[Item]) -> list[ItemResult]:

@@ -27,6 +27,7 @@ from .service import SERVICE_NAME, EmbedderService, add_to_server
 
 log = logging.getLogger(__name__)
 _CUT_S = 2.0  # after the grace, time for the cut calls to send their UNAVAILABLE
+_QUIET_S = 0.25  # before closing the transports, no call arrived for this long (calls racing the drain)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -159,6 +160,7 @@ class Server:
                 cut = self.core.cut()
                 log.warning("grace period over; calls still in flight end UNAVAILABLE", extra={"calls": cut})
                 await self.core.wait_idle(_CUT_S)
+            await self.core.wait_quiet(_QUIET_S, max(0.0, min(_QUIET_S * 4, deadline - time.monotonic())))
         left = max(0.0, deadline - time.monotonic())
         await asyncio.gather(*([self._server.stop(left)] if self._server is not None else []),
                              *([self._http.stop(max(1.0, left))] if self._http is not None else []))

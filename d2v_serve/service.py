@@ -19,6 +19,7 @@ from .tensors import to_tensor
 from .wire import parse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
+_PARSE_INLINE_BYTES = 256 * 1024  # larger frames are parsed on the preprocessing pool, off the event loop
 
 _MODALITIES = {"audio": pb.MODALITY_AUDIO, "image": pb.MODALITY_IMAGE, "text": pb.MODALITY_TEXT}
 _REPRESENTATION_ENUMS = {"last": pb.REPRESENTATION_LAST_LAYER, "target": pb.REPRESENTATION_TARGET}
@@ -37,7 +38,7 @@ class EmbedderService:
     async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         with self.core.tracked():
             try:
-                request = embed_request(parse(raw, pb.EmbedRequest, "Embed"))
+                request = await self._embed_request(raw, "Embed")
                 result = await self.core.embed(request, context.time_remaining(), wait=False, method="Embed")
                 return embed_response(result)
             except ServeError as exc:
@@ -106,14 +107,24 @@ class EmbedderService:
     async def _stream_one(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = request_id = ""
         try:
-            message = parse(raw, pb.EmbedRequest, "EmbedStream")
-            model, request_id = message.model, message.request_id
-            result = await self.core.embed(embed_request(message), context.time_remaining(), wait=True,
-                                           method="EmbedStream")
+            request = await self._embed_request(raw, "EmbedStream")
+            model, request_id = request.model, request.request_id
+            result = await self.core.embed(request, context.time_remaining(), wait=True, method="EmbedStream")
             return embed_response(result)
         except ServeError as exc:
             return pb.EmbedResponse(model=model, request_id=request_id, error=pb.Error(
                 code=exc.code.value[0], message=exc.message, input_index=exc.input_index))
+
+    async def _embed_request(self, raw: bytes, method: str) -> EmbedRequest:
+        """The core's request from the frame's bytes; a large frame is parsed on the pool (it takes milliseconds per
+        MiB: UTF-8 checks, copies) so that the event loop keeps answering other calls meanwhile."""
+        if len(raw) <= _PARSE_INLINE_BYTES:
+            return parse_embed_request(raw, method)
+        return await asyncio.get_running_loop().run_in_executor(self.core.pool, parse_embed_request, raw, method)
+
+
+def parse_embed_request(raw: bytes, method: str) -> EmbedRequest:
+    return embed_request(parse(raw, pb.EmbedRequest, method))
 
 
 def add_to_server(service: EmbedderService, server: grpc.aio.Server) -> None:
