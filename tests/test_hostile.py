@@ -4,6 +4,7 @@ names the limit and its flag. Timings live in docs/reliability.md, never here.""
 
 from __future__ import annotations
 
+import json
 import re
 import tracemalloc
 from collections.abc import Iterator
@@ -323,7 +324,6 @@ def test_calls_cut_by_shutdown_end_unavailable() -> None:
 def test_reliability_bench_smoke() -> None:
     """bench/reliability.py against the real d2v-serve, in miniature: statuses only (its timings live in
     docs/reliability.md)."""
-    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -337,3 +337,28 @@ def test_reliability_bench_smoke() -> None:
     soak = figures["soak"]
     assert soak["statuses"] == {"OK": 30, "INVALID_ARGUMENT": 10}
     assert figures["sigterm"]["lost"] == 0 and figures["sigterm"]["exit_code"] == 0
+
+
+def test_http_refuses_the_bombs_with_the_same_messages() -> None:
+    """The limits live in the core and the preprocessing: the HTTP transport gets them too (400, same message)."""
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bombs = {
+        "demo-audio": ({"audio": base64.b64encode(hostile.silence_flac(3.0)).decode()}, "--max-audio-seconds"),
+        "demo-image": ({"image": base64.b64encode(hostile.png_bomb(8000)).decode()}, "--max-image-pixels"),
+        "demo-text": ({"text": "x" * 10_000}, "--max-text-chars"),
+    }
+    with ServerThread(DEMO_MODELS, http_port=port) as srv:
+        for model, (item, flag) in bombs.items():
+            body = json.dumps({"model": model, "inputs": [item]}).encode()
+            request = urllib.request.Request(f"{srv.http_url}/v1/embed", body, {"content-type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=60)
+            assert info.value.code == 400
+            assert f"({flag} raises it" in json.loads(info.value.read())["error"]["message"]
