@@ -1,6 +1,6 @@
 """`bench/run`: the d2v serving benchmark in one command. Prints markdown tables, writes one JSON.
 
-    bench/run --quick                # < 5 min once the models are built (the first run builds them: minutes)
+    bench/run --quick                # 5 s per point (the first run also builds and caches the models)
     bench/run --full --json out.json
     bench/run --quick --workloads text-12,audio-mixed --concurrency 1,32 --server-args "--max-delay-ms 5"
 
