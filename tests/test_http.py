@@ -298,6 +298,18 @@ def test_full_queue_is_429_and_deadline_504(text_only: Path) -> None:
         assert held.result(30)[0] == 200
 
 
+def test_model_failure_is_500(text_only: Path) -> None:
+    with ServerThread(text_only, http_port=_free_port()) as srv:
+        runner = srv.server.models[TEXT_MODEL].runner
+
+        def broken(feeds: dict, outputs: list) -> dict:
+            raise RuntimeError("kernel failure")
+
+        runner.run = broken
+        error = error_of(500, call(f"{srv.http_url}/v1/embeddings", {"model": TEXT_MODEL, "input": "x"}))
+        assert error["code"] == "internal" and error["type"] == "server_error"
+
+
 def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from d2v_serve import batcher as batcher_module
 
@@ -386,6 +398,14 @@ def test_tls_with_the_grpc_certificates(text_only: Path, tmp_path: Path) -> None
             call(f"{srv.http_url}/health", context=ssl.create_default_context())  # not a trusted certificate
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             call(f"http://127.0.0.1:{srv.server.http_port}/health")  # plaintext to the TLS port
+    with ServerThread(text_only, http_port=_free_port(), tls_cert=str(cert), tls_key=str(key),
+                      tls_client_ca=str(cert)) as srv:  # mTLS: the client's certificate is checked too
+        anonymous = ssl.create_default_context(cafile=str(cert))
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            call(f"{srv.http_url}/health", context=anonymous)
+        known = ssl.create_default_context(cafile=str(cert))
+        known.load_cert_chain(str(cert), str(key))
+        assert call(f"{srv.http_url}/health", context=known)[0] == 200
 
 
 # ---- models, metrics, OpenAPI ---------------------------------------------------------------------------------
