@@ -1,4 +1,4 @@
-"""d2v-export CKPT -o model.onnx [--fp16 | --int8] [--optimize]: progress on stderr, one summary line on stdout."""
+"""d2v-export CKPT -o model.onnx [--fp16 | --int8] [--no-fuse]: progress on stderr, one summary line on stdout."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="float16 graph for the CUDA provider (float32 inputs and outputs)")
     variant.add_argument("--int8", action="store_true",
                          help="int8 dynamic quantization of the MatMul weights, for CPU serving")
-    parser.add_argument("--optimize", action="store_true",
-                        help="fuse with onnxruntime's transformer optimizer where it applies (image, text)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep the plain exported graph (no onnxruntime contrib-op fusions of attention, GELU "
+                             "and residual layer norms)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, {OPSET} or newer (default {OPSET})")
     parser.add_argument("--report", metavar="JSON", help="also write the full export report to this file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"d2v-export: {message}", file=sys.stderr, flush=True)
 
     try:
-        report = export_model(args.checkpoint, args.output, fp16=args.fp16, int8=args.int8, optimize=args.optimize,
+        report = export_model(args.checkpoint, args.output, fp16=args.fp16, int8=args.int8, fuse=not args.no_fuse,
                               progress=progress, tolerance=args.tolerance, opset=args.opset)
     except ParityError as e:
         print(f"d2v-export: error: {e}; no file written", file=sys.stderr)

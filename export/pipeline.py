@@ -20,7 +20,7 @@ from training.checkpoint import encoder_config, load_checkpoint, load_encoder
 
 from . import metadata, variants
 from . import verify as V
-from .graph import OPSET, ExportError, export_graph, graph_module
+from .graph import OPSET, ExportError, clean, export_graph, graph_module
 from .samples import shape_of, verification_inputs
 
 TOLERANCE = 1e-4  # fp32 (and fused fp32): max abs diff on valid positions, both hidden-state outputs
@@ -116,7 +116,7 @@ def _verify_fp16(model: onnx.ModelProto, kept: set[str], batches: list, referenc
 
 
 def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = False, int8: bool = False,
-                 optimize: bool = False, progress: Progress | None = None, tolerance: float | None = None,
+                 fuse: bool = True, progress: Progress | None = None, tolerance: float | None = None,
                  opset: int = OPSET) -> dict[str, Any]:
     """Export a d2v checkpoint to one verified, self-describing ONNX file at `out_path`; returns the report.
 
@@ -143,6 +143,10 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
         f"(dynamo, opset {opset})")
     model = export_graph(module, cfg, opset)
     opset_used = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if fuse:
+        say("fusing attention, GELU and residual layer norms into onnxruntime's contrib ops")
+        model = variants.fuse(model)
+        clean(model, cfg.modality)
 
     batches = verification_inputs(cfg, ckpt["preprocessing"])
     shapes = [shape_of(b) for b in batches]
@@ -152,26 +156,12 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     fp32 = _check("fp32", V.compare(reference, V.run(V.session(model.SerializeToString()), batches),
                                     pooled_target), tolerance=tolerance)
     parity: dict[str, Any] = {
-        "reference": "torch fp32 (eager attention)", "provider": V.CPU, "shapes": shapes, "tolerance": tolerance,
+        "reference": "torch fp32 (eager attention)", "graph": "fused" if fuse else "plain", "provider": V.CPU,
+        "shapes": shapes, "tolerance": tolerance,
         "min_cosine": MIN_COSINE, "cosine_definition": "pooled over valid positions" + (
             "" if pooled_target else "; target_hidden_state: whole item (its mean over time is zero)"),
         "fp32": V.rounded(fp32),
     }
-
-    optimized = False
-    if optimize:
-        say("optimizing with onnxruntime's transformer optimizer")
-        fused, note = variants.optimize(model, cfg)
-        if fused is not None:
-            say(f"verifying the optimized graph ({', '.join(f'{k} x{v}' for k, v in note['fused'].items())})")
-            result = _check("optimized fp32", V.compare(reference, V.run(V.session(fused.SerializeToString()),
-                                                                         batches), pooled_target),
-                            tolerance=tolerance)
-            note["parity"] = V.rounded(result)
-            model, optimized = fused, True
-        else:
-            say(f"optimize: {note['note']}")
-        parity["optimize"] = note
 
     precision = "fp32"
     if int8:
@@ -187,12 +177,15 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
         model, kept = variants.to_fp16(model)
         parity["fp16"] = _verify_fp16(model, kept, batches, reference, pooled_target, say)
 
+    say("counting fused nodes (in the file, and in onnxruntime's optimized CPU session)")
+    parity["fused_nodes"] = {"in_file": variants.fused_nodes(model),
+                             "onnxruntime_cpu": variants.session_fused_nodes(model)}
     meta = metadata.build_metadata(ckpt, cfg, precision=precision, checkpoint=ckpt_path, checkpoint_sha256=sha,
                                    opset=opset_used, parity=parity)
     metadata.attach(model, meta)
     size = _write_atomic(model, out_path)
     seconds = time.perf_counter() - started
-    report = {"path": str(out_path), "modality": cfg.modality, "precision": precision, "optimized": optimized,
+    report = {"path": str(out_path), "modality": cfg.modality, "precision": precision, "fused": fuse,
               "size_bytes": size, "export_seconds": round(seconds, 2), "parity": parity, "metadata": meta}
     report["summary"] = summary_line(report)
     return report
@@ -218,12 +211,13 @@ def _write_atomic(model: onnx.ModelProto, out_path: Path) -> int:
 def summary_line(report: dict[str, Any]) -> str:
     parity = report["parity"]
     fp32 = parity["fp32"]
-    parts = [f"exported {report['modality']} {report['precision']}{' optimized' if report['optimized'] else ''} "
+    parts = [f"exported {report['modality']} {report['precision']}{'' if report['fused'] else ' unfused'} "
              f"-> {report['path']}", f"{report['size_bytes'] / 1e6:.2f} MB", f"{report['export_seconds']:.1f} s",
              f"fp32 max diff {max(fp32['max_abs_diff'].values()):.2g} (tol {parity['tolerance']:g})",
              f"cosine {fp32['cosine']:.6f}"]
-    if "optimize" in parity and not parity["optimize"]["applied"]:
-        parts.append(f"optimize {parity['optimize']['note']}")
+    fused = parity["fused_nodes"]["onnxruntime_cpu"]
+    if isinstance(fused, dict):
+        parts.append("fused " + (", ".join(f"{op} x{n}" for op, n in fused.items() if n) or "nothing"))
     if "int8" in parity:
         parts.append(f"int8 cosine {parity['int8']['cosine']:.6f}")
     if "fp16" in parity:

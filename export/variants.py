@@ -1,20 +1,21 @@
-"""Graph variants of a verified fp32 model: fp16 (GPU), int8 dynamic quantization (CPU), transformer fusions."""
+"""Graph variants: ONNX Runtime fusions of the exported graph, fp16 (GPU), int8 dynamic quantization (CPU)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import onnx
 from onnx import TensorProto
 
-from training.models import EncoderConfig
-
 from .fp16 import to_fp16  # noqa: F401 - re-exported: every variant lives here
 
-OPTIMIZABLE = ("image", "text")  # post-LN / pre-LN BERT-like blocks; the audio front end is not a BERT
+MS_DOMAIN = "com.microsoft"
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
+             "FusedMatMul", "QAttention")
 
 
 def fp16_graph_problems(model: onnx.ModelProto, kept_fp32: set[str]) -> list[str]:
@@ -51,39 +52,114 @@ def initializer_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic quantization of MatMul with constant weights only (int8 weights, uint8 activations per tensor).
-    Quantizing the audio conv front end as well (ConvInteger) ran ~2x slower than fp32 on CPU."""
+    """Dynamic quantization of MatMul with constant weights only (int8 weights, uint8 activations per tensor), the
+    packed QKV projection of each fused Attention included. Quantizing the audio conv front end as well
+    (ConvInteger) ran ~2x slower than fp32 on CPU."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = unpack_attention(model)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
     with tempfile.TemporaryDirectory(prefix="d2v-export-") as tmp:
         out = Path(tmp) / "int8.onnx"
         try:
-            quantize_dynamic(onnx.ModelProto.FromString(model.SerializeToString()), out,
-                             op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
                              weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)
         return onnx.load(out)
 
 
-def optimize(model: onnx.ModelProto, cfg: EncoderConfig) -> tuple[onnx.ModelProto | None, dict[str, Any]]:
-    """onnxruntime's transformer optimizer (bert fusions: LayerNorm, Gelu, SkipLayerNorm, Attention where the
-    pattern matches). Offline fusions only (opt_level 0), so the file runs on any execution provider.
-    Returns (None, note) where it does not apply."""
-    if cfg.modality not in OPTIMIZABLE:
-        return None, {"applied": False, "note": f"skipped: the transformer optimizer has no model type for the "
-                                                 f"{cfg.modality} front end"}
-    from onnxruntime.transformers.optimizer import optimize_model
+def unpack_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each fused Attention is its packed QKV MatMul, a Split and a MultiHeadAttention taking the QKV
+    bias and the attention bias. onnxruntime's QAttention (what its quantizer makes of an Attention) has no input
+    for an additive attention bias, so the padding mask and relative position bias would be lost; a MatMul
+    quantizes like every other projection."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Attention" or node.domain != MS_DOMAIN:
+            nodes.append(node)
+            continue
+        x, weight, bias = node.input[:3]
+        extra = list(node.input[3:])
+        attention_bias = extra[2] if len(extra) > 2 else ""
+        if any(extra[i] for i in (0, 1, 3) if i < len(extra)):
+            raise ValueError(f"{node.name}: Attention with a mask index or past state cannot be unpacked")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        equal_parts = len(set(attrs.pop("qkv_hidden_sizes", [0]))) == 1
+        if not equal_parts or set(attrs) - {"num_heads", "scale", "mask_filter_value"}:
+            raise ValueError(f"{node.name}: unexpected Attention attributes {sorted(set(attrs))}")
+        qkv = [f"{node.name}_{part}" for part in ("q", "k", "v")]
+        nodes += [
+            onnx.helper.make_node("MatMul", [x, weight], [f"{node.name}_qkv"], name=f"{node.name}_qkv_matmul"),
+            onnx.helper.make_node("Split", [f"{node.name}_qkv"], qkv, name=f"{node.name}_split", axis=-1,
+                                  num_outputs=3),
+            onnx.helper.make_node("MultiHeadAttention", [*qkv, bias, "", attention_bias], list(node.output),
+                                  name=f"{node.name}_mha", domain=MS_DOMAIN, **attrs),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
-    optimized = optimize_model(onnx.ModelProto.FromString(model.SerializeToString()), model_type="bert",
-                               num_heads=cfg.num_heads, hidden_size=cfg.hidden_size, opt_level=0, use_gpu=False)
-    fused = {op: n for op, n in sorted(optimized.get_fused_operator_statistics().items()) if n}
-    if not fused:
-        return None, {"applied": False, "note": "skipped: no bert fusion matched this graph"}
-    domains = {op.domain for op in optimized.model.opset_import}
-    for domain in sorted({n.domain for n in optimized.model.graph.node} - domains - {""}):
-        optimized.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # e.g. com.microsoft fusions
-    return optimized.model, {"applied": True, "model_type": "bert", "fused": fused}
+
+def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxscript's ONNX Runtime fusions, the rewriter written for torch's dynamo exports: math attention ->
+    com.microsoft Attention (one packed QKV GEMM; MultiHeadAttention where the packing does not match), erf GELU
+    after a bias -> BiasGelu, residual add + LayerNorm -> SkipLayerNormalization. Each of these contrib ops has CPU
+    and CUDA kernels; the padding mask and the image's relative position bias reach attention as its additive bias."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from onnxscript.rewriter.ort_fusions.attention import fuse_attention
+    from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
+
+    fused, counts = optimize_for_ort(ir.from_proto(model))
+    if counts.get("mha1", 0) + counts.get("mha2", 0) and not counts.get("attention", 0):
+        _shape_from_projection_input(fused)
+        if fuse_mha_bias(fused):
+            fuse_attention(fused)
+        onnxscript.optimizer.optimize(fused)
+    return ir.to_proto(fused)
+
+
+def _shape_from_projection_input(model: Any) -> None:
+    """The padding mask's expansion to [B, 1, T, T] reads T from the projected query; read it from the projection's
+    input instead (same batch and length), so the query projection's bias can fold into the attention op."""
+    for node in model.graph:
+        if node.op_type != "MultiHeadAttention":
+            continue
+        query = node.inputs[0]
+        add = query.producer() if query is not None else None
+        matmul = add.inputs[0].producer() if add is not None and add.op_type == "Add" else None
+        if matmul is None or matmul.op_type != "MatMul":
+            continue
+        for user, index in list(query.uses()):
+            if user.op_type == "Shape" and user.attributes.get_int("end", len(query.shape or ())) <= 2:
+                user.replace_input_with(index, matmul.inputs[0])
+
+
+def fused_nodes(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each fused type a graph holds (zeros included, so a missing fusion shows), then any other
+    com.microsoft op in it."""
+    counts = Counter(node.op_type for node in model.graph.node if node.domain == MS_DOMAIN)
+    return {op: counts[op] for op in FUSED_OPS} | {op: n for op, n in sorted(counts.items()) if op not in FUSED_OPS}
+
+
+def session_fused_nodes(model: onnx.ModelProto) -> dict[str, int] | str:
+    """The fused nodes an ONNX Runtime CPU session runs after its own graph optimizations (the server's level),
+    read from the session's saved optimized model; a one-line reason instead where the session does not load."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="d2v-export-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
+        opts.log_severity_level = 3  # "may contain hardware specific optimizations": we only count nodes
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types per failure
+            return f"not counted: the CPU session does not load ({str(e).strip().splitlines()[0][:160]})"
+        return fused_nodes(onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False))

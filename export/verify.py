@@ -63,10 +63,10 @@ def compare(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarr
                 raise ValueError(f"{name} has shape {o.shape}, torch gives {r.shape}")
             finite &= bool(np.isfinite(o[valid]).all())
             diff[name] = max(diff[name], float(np.abs(o[valid] - r[valid]).max()))
-            pooled_cos[name] = min(pooled_cos[name], _min_cosine(pooled(o, mask), pooled(r, mask)))
+            pooled_cos[name] = min(pooled_cos[name], min_cosine(pooled(o, mask), pooled(r, mask)))
             flat_o = (o.astype(np.float64) * w).reshape(len(o), -1)
             flat_r = (r.astype(np.float64) * w).reshape(len(r), -1)
-            item_cos[name] = min(item_cos[name], _min_cosine(flat_o, flat_r))
+            item_cos[name] = min(item_cos[name], min_cosine(flat_o, flat_r))
     cosine = min(pooled_cos["last_hidden_state"],
                  pooled_cos["target_hidden_state"] if pooled_target else item_cos["target_hidden_state"])
     if not pooled_target:  # a zero vector up to rounding: its cosine says nothing
@@ -75,7 +75,7 @@ def compare(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarr
             "output_mask_equal": bool(masks_equal), "finite": finite}
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
     return float(np.nan_to_num(cos, nan=-1.0).min())
 

@@ -23,7 +23,7 @@ from export import export_model
 from export import verify as V
 from export.graph import graph_module
 from export.pipeline import TOLERANCE_ENV
-from export.variants import optimize
+from export.variants import FUSED_OPS
 from tests.factories import write_tiny_checkpoint
 from tests.hf_models import hf_audio, hf_image
 from training.checkpoint import encoder_config, load_checkpoint, load_encoder, save_checkpoint
@@ -260,7 +260,7 @@ def test_tolerance_env_var_fails_the_api_export(checkpoints, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- fp16 and optimization -----------------------------------------------------------------------------------
+# ---- fp16 and fusions ----------------------------------------------------------------------------------------
 
 
 def test_fp16_graph_is_checked_and_long_audio_keeps_exact_frame_counts(checkpoints, tmp_path):
@@ -292,14 +292,43 @@ def test_fp16_graph_is_checked_and_long_audio_keeps_exact_frame_counts(checkpoin
     assert np.isfinite(out["target_hidden_state"]).all()
 
 
-def test_optimize_fuses_text_and_skips_audio_with_a_note(fp32, checkpoints, tmp_path):
-    report = export_model(checkpoints["text"], tmp_path / "text-opt.onnx", optimize=True, int8=True)
-    note = report["parity"]["optimize"]
-    assert note["applied"] and note["fused"] and max(note["parity"]["max_abs_diff"].values()) <= 1e-4
-    assert read_metadata(report["path"])["precision"] == "int8" and report["parity"]["int8"]["cosine"] >= 0.99
-    cfg = encoder_config(load_checkpoint(checkpoints["audio"]))
-    fused, skipped = optimize(onnx.load(fp32["audio"]["path"]), cfg)
-    assert fused is None and not skipped["applied"] and "skipped" in skipped["note"]
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_fused_graph_runs_contrib_attention_gelu_and_skip_norm(fp32, int8, checkpoints, modality):
+    layers = encoder_config(load_checkpoint(checkpoints[modality])).num_layers
+    for report, attention in ((fp32[modality], "Attention"), (int8[modality], "MultiHeadAttention")):
+        counts = report["parity"]["fused_nodes"]
+        assert report["parity"]["graph"] == "fused" and set(FUSED_OPS) <= set(counts["in_file"])
+        assert counts["in_file"][attention] == layers and counts["in_file"]["BiasGelu"] == layers
+        assert counts["in_file"]["SkipLayerNormalization"] >= 2 * layers
+        in_file = {n.op_type for n in onnx.load(report["path"]).graph.node}
+        assert not in_file & {"Softmax", "Erf"}  # no attention or GELU left unfused
+        session = counts["onnxruntime_cpu"]
+        assert session[attention] == layers and session["SkipLayerNormalization"] >= 2 * layers, session
+        assert read_metadata(report["path"])["parity"]["fused_nodes"] == counts  # recorded in the file
+        assert "fused" in report["summary"]
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_fused_graph_is_batch_invariant(fp32, checkpoints, modality):
+    """An item's output does not depend on its batch-mates or on the padding they bring."""
+    batch = _unseen_inputs(modality, checkpoints[modality])
+    sess = ort.InferenceSession(fp32[modality]["path"], providers=["CPUExecutionProvider"])
+    together = V.run(sess, [batch])[0]
+    for i in range(len(next(iter(batch.values())))):
+        n = int(batch["attention_mask"][i].sum()) if "attention_mask" in batch else None
+        alone = V.run(sess, [{k: v[i:i + 1, :n] for k, v in batch.items()}])[0]
+        valid = alone["output_mask"][0].astype(bool)
+        t = valid.size
+        assert together["output_mask"][i, :t].tolist() == alone["output_mask"][0].tolist()
+        for name in ("last_hidden_state", "target_hidden_state"):
+            np.testing.assert_allclose(together[name][i, :t][valid], alone[name][0][valid], atol=1e-5, rtol=0)
+
+
+def test_no_fuse_exports_the_plain_graph(checkpoints, tmp_path):
+    report = export_model(checkpoints["text"], tmp_path / "plain.onnx", fuse=False)
+    assert report["parity"]["graph"] == "plain" and "unfused" in report["summary"]
+    assert not any(n.domain for n in onnx.load(report["path"]).graph.node)
+    assert not any(report["parity"]["fused_nodes"]["in_file"].values())
 
 
 def test_opset_below_dynamo_minimum_is_refused_before_any_work(checkpoints, tmp_path):
