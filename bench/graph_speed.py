@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models import write_checkpoint  # noqa: E402
+from d2v_serve.model_file import read_metadata  # noqa: E402
 from d2v_serve.runtime import session_options  # noqa: E402
 from export import export_model  # noqa: E402
 from export.graph import graph_module  # noqa: E402
@@ -85,6 +86,13 @@ def torch_op_shares(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
     return {op: round(100 * t / whole, 1) for op, t in top}
 
 
+def exported(ckpt_path: Path, path: Path, say, **kwargs: Any) -> dict[str, Any]:
+    """The export report of `path`: from its metadata when the file is there already, else by exporting."""
+    if path.exists():
+        return {"path": str(path), "parity": read_metadata(path)["parity"]}
+    return export_model(ckpt_path, path, progress=say, **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modality", choices=["audio", "image", "text"], default="text")
@@ -97,11 +105,18 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="also time the plain (unfused) exported graph")
     parser.add_argument("--profile", action="store_true", help="per-op-type time shares, ORT and torch")
     parser.add_argument("--json", metavar="PATH", help="also write the result here")
+    parser.add_argument("--workdir", metavar="DIR", help="keep the checkpoint and model files here and reuse those "
+                                                         "already there (default: a temporary folder)")
     args = parser.parse_args()
 
     say = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="d2v-bench-") as tmp:
-        ckpt_path = write_checkpoint(args.modality, args.preset, Path(tmp))
+        if args.workdir:
+            tmp = args.workdir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        ckpt_path = Path(tmp) / f"{args.modality}.pt"
+        if not ckpt_path.exists():
+            ckpt_path = write_checkpoint(args.modality, args.preset, Path(tmp))
         ckpt = load_checkpoint(ckpt_path)
         module = graph_module(load_encoder(ckpt), EncoderConfig.from_dict(ckpt["config"]))
         inputs = batch_inputs(module.cfg, args.batch, args.length, args.mixed)
@@ -109,8 +124,7 @@ def main() -> None:
         variants = [("ort_fp32", {}), ("ort_int8", {"int8": True})]
         if args.unfused:
             variants.append(("ort_fp32_unfused", {"fuse": False}))
-        reports = {name: export_model(ckpt_path, Path(tmp) / f"{name}.onnx", progress=say, **kw)
-                   for name, kw in variants}
+        reports = {name: exported(ckpt_path, Path(tmp) / f"{name}.onnx", say, **kw) for name, kw in variants}
 
         result: dict[str, Any] = {
             "modality": args.modality, "preset": args.preset, "inputs": {k: list(v.shape) for k, v in inputs.items()},

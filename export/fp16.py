@@ -27,7 +27,7 @@ class Fp16Error(Exception):
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):  # fused contrib ops (--optimize)
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):  # fused contrib ops
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)

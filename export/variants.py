@@ -8,7 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import TensorProto
 
 from .fp16 import to_fp16  # noqa: F401 - re-exported: every variant lives here
@@ -121,7 +123,27 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
         if fuse_mha_bias(fused):
             fuse_attention(fused)
         onnxscript.optimizer.optimize(fused)
-    return ir.to_proto(fused)
+    proto = ir.to_proto(fused)
+    _fold_weight_concats(proto)
+    return proto
+
+
+def _fold_weight_concats(model: onnx.ModelProto) -> None:
+    """Store each packed QKV weight (a Concat of the three projections' initializers, which onnxscript's folding
+    leaves alone above its size limit) as one initializer, so the quantizer sees a constant MatMul weight."""
+    inits = {init.name: init for init in model.graph.initializer}
+    uses = Counter(name for node in model.graph.node for name in node.input)
+    for node in list(model.graph.node):
+        if node.op_type != "Concat" or node.domain or not all(name in inits for name in node.input):
+            continue
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        arrays = [onnx.numpy_helper.to_array(inits[name]) for name in node.input]
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate(arrays, axis), node.output[0]))
+        model.graph.node.remove(node)
+        for name in node.input:
+            uses[name] -= 1
+            if uses[name] == 0 and name in inits:
+                model.graph.initializer.remove(inits.pop(name))
 
 
 def _shape_from_projection_input(model: Any) -> None:
