@@ -168,7 +168,7 @@ def test_int8_quantizes_matmuls_and_stays_close(int8, checkpoints, modality):
     meta = read_metadata(report["path"])
     assert meta["precision"] == "int8" and report["parity"]["int8"]["cosine"] >= 0.99
     ops = {n.op_type for n in onnx.load(report["path"]).graph.node}
-    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops and "ConvInteger" not in ops
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops and not ops & {"ConvInteger", "MatMul"}
     inputs = _unseen_inputs(modality, checkpoints[modality])
     got = V.run(ort.InferenceSession(report["path"], providers=["CPUExecutionProvider"]), [inputs])
     result = V.compare([_torch_outputs(checkpoints[modality], inputs)], got, pooled_target=modality != "audio")
@@ -337,3 +337,28 @@ def test_opset_below_dynamo_minimum_is_refused_before_any_work(checkpoints, tmp_
     with pytest.raises(ExportError, match="opset 17 is below 18"):
         export_model(checkpoints["text"], tmp_path / "model.onnx", opset=17)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_qkv_weight_concat_becomes_one_initializer_that_int8_quantizes():
+    """Above onnxscript's folding limit the packed QKV weight stays a Concat of three initializers: export stores it
+    as one, so the quantizer sees a constant MatMul weight (a big model's QKV projection would stay float32)."""
+    from onnx import helper, numpy_helper
+
+    from export.variants import _fold_weight_concats, to_int8
+
+    rng = np.random.default_rng(0)
+    parts = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in "qkv"]
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["q", "k", "v"], ["qkv_weight"], axis=1),
+         helper.make_node("MatMul", ["x", "qkv_weight"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])], parts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    _fold_weight_concats(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    assert [i.name for i in model.graph.initializer] == ["qkv_weight"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(before[0], after[0])
+    assert "MatMul" not in {n.op_type for n in to_int8(model).graph.node}
