@@ -73,13 +73,12 @@ def ort_op_shares(profile_json: str) -> dict[str, float]:
 
 def torch_op_shares(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Share of self CPU time per aten op, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=1)) \
-            as prof:
-        for _ in range(2):  # the first, profiler warm-up, round is not recorded
-            module(**tensors)
-            prof.step()
+    with torch.no_grad():
+        for _ in range(2):  # the first profile pays the profiler's own start-up; the second one counts
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                module(**tensors)
     totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     whole = sum(totals.values()) or 1
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
