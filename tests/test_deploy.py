@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import re
@@ -261,26 +260,49 @@ def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     yield venv, next(wheels.glob("d2v-*.whl"))
 
 
+def _installed_name(folder: str) -> str:
+    """The import name a repository folder installs as (pyproject's package-dir: training/ -> d2v.training)."""
+    for name, directory in PYPROJECT["tool"]["setuptools"]["package-dir"].items():
+        if folder == directory or folder.startswith(directory + "/"):
+            return name + folder[len(directory):].replace("/", ".")
+    return folder.replace("/", ".")
+
+
 def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
     import zipfile
 
     _, wheel = serving_venv
     names = zipfile.ZipFile(wheel).namelist()
-    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = [
+    folders = [
         init.parent.relative_to(REPO).as_posix()
-        for top in REPO.iterdir()
-        if top.is_dir() and any(fnmatch.fnmatch(top.name, pattern) for pattern in include)
-        for init in top.rglob("__init__.py")
+        for top in ("d2v_serve", "training", "export")
+        for init in (REPO / top).rglob("__init__.py")
         if "__pycache__" not in init.parts
     ]
-    assert "d2v_serve" in packages
-    for pkg in packages:
-        assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
-    assert "d2v_serve/probe.py" in names
+    listed = PYPROJECT["tool"]["setuptools"]["packages"]
+    for folder in folders:
+        name = _installed_name(folder)
+        assert name in listed, f"{folder}/ (installed as {name}) missing from pyproject's packages"
+        assert f"{name.replace('.', '/')}/__init__.py" in names, f"{name} missing from the wheel"
+    assert "d2v_serve/probe.py" in names and "d2v/training/cli.py" in names and "d2v/export/cli.py" in names
     assert f"d2v-{PYPROJECT['project']['version']}.dist-info/licenses/LICENSE" in names
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"d2v", "d2v_serve"}, "no generic top-level modules (training, export) in site-packages"
+    assert "d2v/__init__.py" not in names, "d2v is a namespace package"
     demo = sorted(n for n in names if n.startswith("d2v_serve/demo_models/"))
     assert demo == [f"d2v_serve/demo_models/demo-{m}.onnx" for m in ("audio", "image", "text")]
+
+
+def test_serving_install_has_no_generic_top_level_modules(serving_venv: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    venv, _ = serving_venv
+    py = str(venv / "bin/python")
+    for generic in ("training", "export"):  # from a directory with no such folder, as a user's project would be
+        r = subprocess.run([py, "-c", f"import {generic}"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode != 0 and f"No module named '{generic}'" in r.stderr
+    # the namespaced packages are there (found, not imported: their modules need the extras)
+    _run([py, "-c", "import importlib.util as u; assert all(map(u.find_spec, ['d2v.training', 'd2v.export']))"],
+         cwd=tmp_path)
 
 
 def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]) -> None:
