@@ -130,9 +130,9 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     import onnxruntime as ort
     import torch
 
-    from export.graph import graph_module
-    from training.checkpoint import load_checkpoint, load_encoder
-    from training.models import EncoderConfig
+    from d2v.export.graph import graph_module
+    from d2v.training.checkpoint import load_checkpoint, load_encoder
+    from d2v.training.models import EncoderConfig
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engines import batch_inputs, median_seconds  # noqa: E402
 from bench.models import write_checkpoint  # noqa: E402
-from export import export_model  # noqa: E402
-from export.graph import graph_module  # noqa: E402
-from training.checkpoint import load_checkpoint, load_encoder  # noqa: E402
-from training.models import EncoderConfig  # noqa: E402
+from d2v.export import export_model  # noqa: E402
+from d2v.export.graph import graph_module  # noqa: E402
+from d2v.training.checkpoint import load_checkpoint, load_encoder  # noqa: E402
+from d2v.training.models import EncoderConfig  # noqa: E402
 
 
 def main() -> None:

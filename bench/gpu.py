@@ -137,7 +137,7 @@ def ddp_smoke(work: Path, device: str = "cuda", steps: int = 5) -> dict[str, Any
     corpus.write_text("\n".join(" ".join(WORDS[i % len(WORDS):] + WORDS[:i % len(WORDS)]) for i in range(200)))
     out = work / "ddp-run"
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "1", "-m",
-           "training.cli", "--modality", "text", "--data", str(corpus), "--preset", "tiny", "--steps", str(steps),
+           "d2v.training.cli", "--modality", "text", "--data", str(corpus), "--preset", "tiny", "--steps", str(steps),
            "--out", str(out), "--device", device, "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     end = {}

@@ -33,10 +33,10 @@ def write_checkpoint(modality: str, preset: str, directory: Path) -> Path:
     import torch
 
     from bench.workloads import WORDS
+    from d2v.training.checkpoint import make_checkpoint, save_checkpoint
+    from d2v.training.models import EncoderConfig, build_encoder
+    from d2v.training.models.init import init_weights
     from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, train_bpe_tokenizer
-    from training.checkpoint import make_checkpoint, save_checkpoint
-    from training.models import EncoderConfig, build_encoder
-    from training.models.init import init_weights
 
     cfg = EncoderConfig.preset(modality, preset)
     if modality == "text":

@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.evaluate import evaluate  # noqa: E402
+from d2v.training.evaluate import evaluate  # noqa: E402
 
 STEPS = {"image": 2500, "audio": 2000, "text": 3000}  # each a few minutes on one free CPU core
 # Per-modality overrides of d2v-train's defaults used for these runs (the text recipe: docs/quality.md).
@@ -184,7 +184,7 @@ def pretrain(modality: str, data: Path, out: Path, steps: int, sets: list[str], 
     """d2v-train on the unlabelled split (a fresh run directory); returns the wall time in seconds."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "training.cli", "--modality", modality, "--data", str(data), "--preset", "tiny",
+    cmd = [sys.executable, "-m", "d2v.training.cli", "--modality", modality, "--data", str(data), "--preset", "tiny",
            "--steps", str(steps), "--out", str(out), "--seed", str(seed), "--log-every", "10", "--no-progress"]
     for s in sets:
         cmd += ["--set", s]

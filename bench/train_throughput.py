@@ -22,8 +22,8 @@ import soundfile as sf
 import torch
 from PIL import Image, ImageDraw
 
-from training.defaults import defaults, set_path
-from training.trainer import Trainer
+from d2v.training.defaults import defaults, set_path
+from d2v.training.trainer import Trainer
 
 WORDS = ("the a teacher student model learns sees hears masked view speech image text river stone house moon "
          "boat tree letter garden quiet bright small long every morning night slowly with care").split()

@@ -43,12 +43,12 @@ def run_with_extra(module: str, prog: str, extra: str, argv: list[str] | None = 
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    return run_with_extra("training.cli", "d2v-train", "train", argv)
+    return run_with_extra("d2v.training.cli", "d2v-train", "train", argv)
 
 
 def import_hf_main(argv: list[str] | None = None) -> int:
-    return run_with_extra("training.import_hf", "d2v-import-hf", "train", argv)
+    return run_with_extra("d2v.training.import_hf", "d2v-import-hf", "train", argv)
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    return run_with_extra("export.cli", "d2v-export", "export", argv)
+    return run_with_extra("d2v.export.cli", "d2v-export", "export", argv)

@@ -7,7 +7,7 @@
 The probe is a standardised logistic regression (scikit-learn, fixed seed) scored by stratified k-fold
 cross-validation: every item is predicted once by a probe that never saw it, so small sets give a usable figure.
 scikit-learn and matplotlib come with the `eval` extra and are imported only here, when a probe or plot runs.
-The checkpoint path (torch) is `training.evaluate`; the `d2v-eval` command is there too.
+The checkpoint path (torch) is `d2v.training.evaluate`; the `d2v-eval` command is there too.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
+from d2v.training.checkpoint import CheckpointError
 from d2v_serve.console import add_version
-from training.checkpoint import CheckpointError
 
 from .graph import OPSET, ExportError
 from .pipeline import ParityError, export_model

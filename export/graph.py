@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from training.models import EncoderConfig, EncoderOutput
-from training.targets import target_representation
+from d2v.training.models import EncoderConfig, EncoderOutput
+from d2v.training.targets import target_representation
 
 OPSET = 18  # the dynamo exporter's lowest; ORT >= 1.14 runs it
 INPUTS = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import onnx
 
-from training.checkpoint import D2V_VERSION
-from training.models import EncoderConfig
+from d2v.training.checkpoint import D2V_VERSION
+from d2v.training.models import EncoderConfig
 
 from .graph import INPUTS, OUTPUTS, max_tokens
 

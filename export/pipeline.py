@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from training.checkpoint import encoder_config, load_checkpoint, load_encoder
+from d2v.training.checkpoint import encoder_config, load_checkpoint, load_encoder
 
 from . import metadata, variants
 from . import verify as V

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from training.models import EncoderConfig
+from d2v.training.models import EncoderConfig
 
 from .graph import max_tokens, receptive_field, total_stride
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from d2v.training.checkpoint import make_checkpoint, save_checkpoint
+from d2v.training.models import EncoderConfig, build_encoder
+from d2v.training.models.init import init_weights
 from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, train_bpe_tokenizer
 from tests.hf_models import CORPUS
-from training.checkpoint import make_checkpoint, save_checkpoint
-from training.models import EncoderConfig, build_encoder
-from training.models.init import init_weights
 
 
 def tiny_preprocessing(cfg: EncoderConfig) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def make_model_file(modality: str, directory: Path, precision: str = "fp32", **c
     `directory/{modality}-{precision}.onnx` (fp16, int8). Only the model file is left in `directory`."""
     import tempfile
 
-    from export import export_model
+    from d2v.export import export_model
 
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")

@@ -47,9 +47,9 @@ class TinyModel:
 def make_tiny_model(modality: str, directory: Path, precision: str = "fp32") -> TinyModel:
     """tests.factories.make_model_file (tiny checkpoint -> d2v-export), and the exporter's torch graph module of the
     same checkpoint as the reference."""
-    from export.graph import graph_module
+    from d2v.export.graph import graph_module
+    from d2v.training.checkpoint import encoder_config, load_encoder
     from tests.factories import make_model_file, tiny_checkpoint
-    from training.checkpoint import encoder_config, load_encoder
 
     path = make_model_file(modality, directory, precision)
     meta = read_metadata(path)

@@ -184,8 +184,8 @@ def test_text_flops_by_hand():
 
 
 def test_audio_flops_use_the_front_ends_frames():
+    from d2v.training.models import EncoderConfig
     from d2v_serve.preprocess import audio_frames
-    from training.models import EncoderConfig
 
     cfg = EncoderConfig.preset("audio", "base").to_dict()
     frames = audio_frames(32000, cfg["conv_layers"])

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2v.training.checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
+from d2v.training.import_hf import HFImportError, import_hf
+from d2v.training.import_hf import main as import_main
 from tests.factories import tiny_checkpoint, write_tiny_checkpoint
 from tests.hf_models import hf_audio, hf_image, hf_text
-from training.checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
-from training.import_hf import HFImportError, import_hf
-from training.import_hf import main as import_main
 
 
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
@@ -111,7 +111,7 @@ def test_import_drops_task_heads_and_strips_prefix(tmp_path):
 
 def test_import_cli_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, "-m", "training.import_hf", str(tmp_path / "empty"), "-o",
+    result = subprocess.run([sys.executable, "-m", "d2v.training.import_hf", str(tmp_path / "empty"), "-o",
                              str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no config.json" in result.stderr
@@ -135,8 +135,8 @@ def test_import_cli_refuses_hostile_weights_in_one_line(tmp_path):
     (hf_dir / "model.safetensors").unlink()
 
     def import_error() -> str:
-        result = subprocess.run([sys.executable, "-m", "training.import_hf", str(hf_dir), "-o", str(tmp_path / "x.pt")],
-                                capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "d2v.training.import_hf", str(hf_dir), "-o",
+                                 str(tmp_path / "x.pt")], capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
         return result.stderr
 

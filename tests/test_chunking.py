@@ -328,9 +328,9 @@ def test_client_windows_and_cli_flags(server: ServerThread, client: Client, tmp_
 
 
 def test_export_records_the_audio_training_crop() -> None:
-    from export.metadata import build_metadata, training_crop_seconds
+    from d2v.export.metadata import build_metadata, training_crop_seconds
+    from d2v.training.checkpoint import encoder_config
     from tests.factories import tiny_checkpoint
-    from training.checkpoint import encoder_config
 
     ckpt = tiny_checkpoint("audio")
     assert training_crop_seconds(ckpt) is None  # no training config (e.g. imported): the server's default applies

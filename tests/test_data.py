@@ -1,4 +1,4 @@
-"""training.data: discovery, per-modality datasets, deterministic resumable batching, augmentation, tokenizer."""
+"""d2v.training.data: discovery, per-modality datasets, deterministic resumable batching, augmentation, tokenizer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, decode_audio
-from training.augment import ImageAugment, random_resized_crop_box
-from training.data import (
+from d2v.training.augment import ImageAugment, random_resized_crop_box
+from d2v.training.data import (
     BatchStream,
     DataConfig,
     build_text_preprocessing,
@@ -23,7 +22,8 @@ from training.data import (
     plan_epoch,
     resampled_length,
 )
-from training.data_sources import DataError, find_sources
+from d2v.training.data_sources import DataError, find_sources
+from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, decode_audio
 
 WORDS = ["data", "vector", "speech", "image", "token", "teacher", "student", "mask", "target", "layer", "encoder"]
 
@@ -356,7 +356,7 @@ def test_stream_option_errors(audio_dir):
 
 
 def test_text_corpus_with_long_lines_is_not_mistaken_for_a_manifest(tmp_path):
-    from training.data_sources import find_sources
+    from d2v.training.data_sources import find_sources
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("word " * 200 + "\nanother document\n", encoding="utf-8")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from d2v.training.checkpoint import load_checkpoint
 from tests.test_train import SETS, write_corpus
-from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "--modality", "text", "--data", str(corpus), "--steps", "6", "--out", str(out),
+           "-m", "d2v.training.cli", "--modality", "text", "--data", str(corpus), "--steps", "6", "--out", str(out),
            "--batch-size", "4", "--accum", "2", "--device", "cpu", "--lr", "1e-3", "--save-every", "3",
            "--no-progress"]
     for s in SETS["text"]:

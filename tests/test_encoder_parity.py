@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from d2v.training.checkpoint import load_encoder
+from d2v.training.import_hf import import_hf
 from tests.hf_models import hf_audio, hf_image, hf_text
-from training.checkpoint import load_encoder
-from training.import_hf import import_hf
 
 TOL = 1e-5
 
@@ -183,7 +183,7 @@ def test_imported_text_checkpoint_carries_tokenizer(tmp_path):
 ], ids=["audio-adapter", "image-tanh", "text-decoder"])
 def test_what_d2v_cannot_represent_is_refused_in_one_line(tmp_path, builder, model_class, overrides, expected):
     """The few transformers options that change the computation in ways our encoders do not implement."""
-    from training.import_hf import HFImportError
+    from d2v.training.import_hf import HFImportError
 
     hf_dir = builder(tmp_path / "hf", **({"model_class": model_class} if model_class else {}), **overrides)
     with pytest.raises(HFImportError) as e:

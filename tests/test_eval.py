@@ -12,17 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from d2v.training.checkpoint import encoder_config, initial_encoder, load_checkpoint
+from d2v.training.cli import main as train_main
+from d2v.training.defaults import defaults, resolve_derived
+from d2v.training.evaluate import CheckpointEmbedder, evaluate
+from d2v.training.evaluate import main as eval_main
 from d2v_serve.errors import ServeError
 from d2v_serve.evaluate import EvalError, linear_probe, read_labelled
 from d2v_serve.postprocess import output_options
 from d2v_serve.request import EmbedOptions
 from tests.factories import make_model_file, write_tiny_checkpoint
 from tests.test_train import SETS
-from training.checkpoint import encoder_config, initial_encoder, load_checkpoint
-from training.cli import main as train_main
-from training.defaults import defaults, resolve_derived
-from training.evaluate import CheckpointEmbedder, evaluate
-from training.evaluate import main as eval_main
 
 TOPICS = {"weather": ["rain", "snow", "storm", "cloud", "wind", "sun"],
           "kitchen": ["bread", "soup", "oven", "cheese", "pan", "salt"]}
@@ -85,7 +85,7 @@ def test_model_file_and_checkpoint_embed_alike_and_probe_both_data_forms(tmp_pat
     ckpt = write_tiny_checkpoint("text", tmp_path)
     onnx = make_model_file("text", tmp_path)
     items = read_labelled(text_data["manifest"], "text").items
-    from training.evaluate import embedder
+    from d2v.training.evaluate import embedder
 
     by_file, by_ckpt = embedder(onnx).embed(items), embedder(ckpt).embed(items)
     for r in ("last", "target"):

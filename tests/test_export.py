@@ -17,17 +17,17 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from d2v.export import export_model
+from d2v.export import verify as V
+from d2v.export.graph import graph_module
+from d2v.export.pipeline import TOLERANCE_ENV
+from d2v.export.variants import FUSED_OPS
+from d2v.training.checkpoint import encoder_config, load_checkpoint, load_encoder, save_checkpoint
+from d2v.training.import_hf import import_hf
 from d2v_serve.model_file import read_metadata
 from d2v_serve.preprocess import audio_frames, preprocessing_from_dict
-from export import export_model
-from export import verify as V
-from export.graph import graph_module
-from export.pipeline import TOLERANCE_ENV
-from export.variants import FUSED_OPS
 from tests.factories import write_tiny_checkpoint
 from tests.hf_models import hf_audio, hf_image
-from training.checkpoint import encoder_config, load_checkpoint, load_encoder, save_checkpoint
-from training.import_hf import import_hf
 
 MODALITIES = ("audio", "image", "text")
 CONTRACT_KEYS = {"format", "format_version", "modality", "hidden_size", "num_layers", "num_heads", "inputs",
@@ -60,7 +60,8 @@ def int8(workdir: Path, checkpoints: dict[str, Path]) -> dict[str, dict]:
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The installed console script's entry point, run as its own process."""
-    return subprocess.run([sys.executable, "-c", "import sys; from export.cli import main; sys.exit(main())", *args],
+    script = "import sys; from d2v.export.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", script, *args],
                           capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
                           cwd=Path(__file__).resolve().parents[1])
 
@@ -252,7 +253,7 @@ def test_forced_parity_failure_exits_nonzero_with_figures_and_no_file(checkpoint
 
 
 def test_tolerance_env_var_fails_the_api_export(checkpoints, tmp_path, monkeypatch):
-    from export import ParityError
+    from d2v.export import ParityError
 
     monkeypatch.setenv(TOLERANCE_ENV, "0")
     with pytest.raises(ParityError, match=r"max abs diff \S+ > tolerance 0"):
@@ -332,7 +333,7 @@ def test_no_fuse_exports_the_plain_graph(checkpoints, tmp_path):
 
 
 def test_opset_below_dynamo_minimum_is_refused_before_any_work(checkpoints, tmp_path):
-    from export import ExportError
+    from d2v.export import ExportError
 
     with pytest.raises(ExportError, match="opset 17 is below 18"):
         export_model(checkpoints["text"], tmp_path / "model.onnx", opset=17)
@@ -344,7 +345,7 @@ def test_packed_qkv_weight_concat_becomes_one_initializer_that_int8_quantizes():
     as one, so the quantizer sees a constant MatMul weight (a big model's QKV projection would stay float32)."""
     from onnx import helper, numpy_helper
 
-    from export.variants import _fold_weight_concats, to_int8
+    from d2v.export.variants import _fold_weight_concats, to_int8
 
     rng = np.random.default_rng(0)
     parts = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in "qkv"]

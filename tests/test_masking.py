@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from d2v.training.masking import BatchMasker, BlockMasking, SpanMasking, TokenMasking
 from d2v_serve.preprocess import audio_frames
-from training.masking import BatchMasker, BlockMasking, SpanMasking, TokenMasking
 
 
 def test_audio_span_masking_covers_about_half_and_same_count_per_item():

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.defaults import defaults
-from training.models import EncoderConfig, build_encoder
-from training.models.init import init_weights
-from training.objective import Data2Vec, LossSpec, TeacherSpec, regression_head
-from training.schedules import ema_decay, learning_rate, tri_stage, warmup_cosine
+from d2v.training.defaults import defaults
+from d2v.training.models import EncoderConfig, build_encoder
+from d2v.training.models.init import init_weights
+from d2v.training.objective import Data2Vec, LossSpec, TeacherSpec, regression_head
+from d2v.training.schedules import ema_decay, learning_rate, tri_stage, warmup_cosine
 
 # what the reference table says each modality's targets are: (layer output, per-layer norm, norm after averaging)
 REFERENCE_TARGETS = {"audio": ("ffn", "instance", False), "image": ("block", "layer", True),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.import_hf import encoder_config_from_hf, map_state_dict
-from training.models import EncoderConfig, build_encoder
+from d2v.training.import_hf import encoder_config_from_hf, map_state_dict
+from d2v.training.models import EncoderConfig, build_encoder
 
 LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 # Values of facebook/data2vec-{audio,vision,text}-{base,large}; the transformers class defaults differ for text/vision.

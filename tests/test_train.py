@@ -18,11 +18,11 @@ import soundfile as sf
 import torch
 from PIL import Image, ImageDraw
 
+from d2v.training.checkpoint import load_checkpoint, load_encoder
+from d2v.training.cli import main
+from d2v.training.defaults import defaults, set_path
+from d2v.training.trainer import CollapseError, Trainer
 from tests.factories import write_tiny_checkpoint
-from training.checkpoint import load_checkpoint, load_encoder
-from training.cli import main
-from training.defaults import defaults, set_path
-from training.trainer import CollapseError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CUT = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.ffn_size=64", "model.target_layers=2"]
@@ -169,7 +169,7 @@ def test_the_same_run_gives_a_byte_identical_checkpoint(tmp_path, data, monkeypa
 
 def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, data):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "training.cli", *args_for("image", data, out, 5000, "--save-every", "1")]
+    cmd = [sys.executable, "-m", "d2v.training.cli", *args_for("image", data, out, 5000, "--save-every", "1")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

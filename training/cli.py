@@ -3,7 +3,7 @@
     d2v-train --modality audio --data wavs/ --preset tiny --steps 2000 --out runs/a
     d2v-train --modality text --data corpus.txt --preset small --steps 50000 --out runs/t --set masking.mask_span=4
     d2v-train --out runs/a --resume                      # continue DIR/ckpt.pt exactly where it stopped
-    torchrun --nproc_per_node 8 -m training.cli ...      # DDP (see the README)
+    torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (see the README)
 
 Defaults come from training/defaults.py; `--config FILE` (JSON/YAML), the flags below and `--set key=value` override
 them in that order. `--print-config` shows the resolved config and exits.
