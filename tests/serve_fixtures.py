@@ -127,3 +127,18 @@ class ServerThread:
             self.call(self.server.stop(grace), timeout=grace + 30)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+
+
+def hold_batchers(monkeypatch: Any) -> threading.Event:
+    """Keep every batcher that starts from now on in its warming state until the returned event is set."""
+    from d2v_serve import batcher as batcher_module
+
+    release = threading.Event()
+    original_main = batcher_module.Batcher._main
+
+    def gated_main(self: batcher_module.Batcher) -> None:
+        release.wait(30)
+        original_main(self)
+
+    monkeypatch.setattr(batcher_module.Batcher, "_main", gated_main)
+    return release

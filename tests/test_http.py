@@ -24,7 +24,7 @@ import pytest
 
 from d2v_serve.cli import DEMO_MODELS
 from d2v_serve.client import Client
-from tests.serve_fixtures import ServerThread, encode_audio, encode_image, picture, tone
+from tests.serve_fixtures import ServerThread, encode_audio, encode_image, hold_batchers, picture, tone
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras", "a server batches requests"]
 TEXT_MODEL, IMAGE_MODEL, AUDIO_MODEL = "demo-text", "demo-image", "demo-audio"
@@ -311,16 +311,7 @@ def test_model_failure_is_500(text_only: Path) -> None:
 
 
 def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2v_serve import batcher as batcher_module
-
-    release = threading.Event()
-    original_main = batcher_module.Batcher._main
-
-    def gated_main(self: batcher_module.Batcher) -> None:
-        release.wait(30)
-        original_main(self)
-
-    monkeypatch.setattr(batcher_module.Batcher, "_main", gated_main)
+    release = hold_batchers(monkeypatch)
     srv = ServerThread(text_only, http_port=_free_port())
     srv._thread.start()
     import asyncio

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from tests.serve_fixtures import (
     TinyModel,
     encode_audio,
     encode_image,
+    hold_batchers,
     make_tiny_model,
     picture,
     tone,
@@ -495,16 +495,7 @@ def _health(target: str, service: str = "") -> str:
 
 
 def test_health_warming_serving_dead_and_stopped(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2v_serve import batcher as batcher_module
-
-    release = threading.Event()
-    original_main = batcher_module.Batcher._main
-
-    def gated_main(self: batcher_module.Batcher) -> None:
-        release.wait(30)
-        original_main(self)
-
-    monkeypatch.setattr(batcher_module.Batcher, "_main", gated_main)
+    release = hold_batchers(monkeypatch)
     port = _free_port()
     srv = ServerThread(text_only, port=port)
     srv._thread.start()
