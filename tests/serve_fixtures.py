@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,12 @@ def hold_batchers(monkeypatch: Any) -> threading.Event:
 
     monkeypatch.setattr(batcher_module.Batcher, "_main", gated_main)
     return release
+
+
+def self_signed(directory: Path, subject_alt_name: str = "DNS:d2v.test") -> tuple[Path, Path]:
+    """A throwaway EC certificate and key (openssl) for TLS tests: (cert.pem, key.pem) in `directory`."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=d2v-test", "-addext", f"subjectAltName={subject_alt_name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

@@ -9,7 +9,6 @@ import http.client
 import json
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
@@ -24,7 +23,7 @@ import pytest
 
 from d2v_serve.cli import DEMO_MODELS
 from d2v_serve.client import Client
-from tests.serve_fixtures import ServerThread, encode_audio, encode_image, hold_batchers, picture, tone
+from tests.serve_fixtures import ServerThread, encode_audio, encode_image, hold_batchers, picture, self_signed, tone
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras", "a server batches requests"]
 TEXT_MODEL, IMAGE_MODEL, AUDIO_MODEL = "demo-text", "demo-image", "demo-audio"
@@ -371,13 +370,7 @@ def test_bearer_token_auth(text_only: Path) -> None:
 
 
 def test_tls_with_the_grpc_certificates(text_only: Path, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-days", "1", "-subj", "/CN=d2v-test", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path, "IP:127.0.0.1")
     with ServerThread(text_only, http_port=_free_port(), tls_cert=str(cert), tls_key=str(key)) as srv:
         assert srv.http_url.startswith("https://")
         trusted = ssl.create_default_context(cafile=str(cert))

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from d2v_serve import probe
+from tests.serve_fixtures import self_signed
 
 REPO = Path(__file__).resolve().parents[1]
 Status = health_pb2.HealthCheckResponse
@@ -132,19 +133,8 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture) ->
     assert capsys.readouterr().err.startswith("d2v-probe: ")
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-days", "1", "-subj", "/CN=d2v-test", "-addext", "subjectAltName=DNS:d2v.test",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_tls_and_mtls(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     pair = [(key.read_bytes(), cert.read_bytes())]
     tls = ["--tls", "--ca-cert", str(cert), "--server-name", "d2v.test"]
     servicer = health.HealthServicer()

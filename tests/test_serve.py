@@ -37,6 +37,7 @@ from tests.serve_fixtures import (
     hold_batchers,
     make_tiny_model,
     picture,
+    self_signed,
     tone,
 )
 
@@ -698,16 +699,8 @@ def test_d2v_serve_exits_with_a_reason(tmp_path: Path, monkeypatch: pytest.Monke
     assert err.count("\n") == 1 and "no *.onnx model files" in err
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-days", "1", "-subj", "/CN=d2v-test", "-addext", "subjectAltName=DNS:d2v.test",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
-
-
 def test_tls_and_mtls(text_only: Path, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     pem = cert.read_bytes()
     with ServerThread(text_only, tls_cert=str(cert), tls_key=str(key)) as srv:
         with Client(srv.target, root_certificates=pem, server_name="d2v.test") as c:
