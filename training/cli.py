@@ -23,14 +23,14 @@ from d2v_serve.preprocess import PreprocessError
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint
 from .data_sources import DataError
-from .defaults import MODALITY, ConfigError, check, defaults, load_config_file, merge, set_path
+from .defaults import MODALITY, OBJECTIVES, ConfigError, check, defaults, load_config_file, merge, set_path
 from .models import PRESETS
 from .trainer import CKPT_NAME, CollapseError, Trainer
 
 # flag -> config key path
 FLAGS = {"preset": "preset", "steps": "steps", "data": "data.path", "init": "init", "seed": "seed",
          "device": "device", "precision": "precision", "batch_size": "batch_size", "lr": "lr", "accum": "accum",
-         "save_every": "save_every", "log_every": "log_every"}
+         "save_every": "save_every", "log_every": "log_every", "objective": "objective"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: ckpt.pt and metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue DIR/ckpt.pt if it exists (else start fresh)")
     p.add_argument("--init", help="start from this d2v checkpoint (e.g. d2v-import-hf output)")
+    p.add_argument("--objective", choices=sorted(OBJECTIVES),
+                   help="data2vec (default) or data2vec2: encode visible positions only, conv decoder, M masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
@@ -68,10 +70,38 @@ def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str
         if args.modality and args.modality != cfg["modality"]:
             raise ConfigError(f"{args.out} holds a {cfg['modality']} run; --modality {args.modality} does not match")
         cfg["stop_at"] = None  # an invocation setting, not part of the run
+        cfg.setdefault("objective", "data2vec")  # checkpoints from before data2vec2
+        objective = cfg["objective"]
     elif not args.modality:
         raise ConfigError("--modality is required when starting a run")
     else:
-        cfg = defaults(args.modality)
+        objective = requested_objective(args)
+        cfg = defaults(args.modality, objective)
+    apply_overrides(cfg, args)
+    if cfg["objective"] != objective:
+        raise ConfigError(f"objective {cfg['objective']!r} cannot change in a resumed run (it is {objective!r})")
+    cfg["out"] = str(args.out)
+    if args.no_progress:
+        cfg["progress"] = False
+    check(cfg)
+    return cfg
+
+
+def requested_objective(args: argparse.Namespace) -> str:
+    """The objective chosen by the config file, --objective or --set objective=..., later winning: it picks the
+    defaults table the rest of the overrides apply to."""
+    probe: dict[str, Any] = {"objective": "data2vec"}
+    if args.config:
+        probe["objective"] = load_config_file(args.config).get("objective", probe["objective"])
+    if args.objective:
+        probe["objective"] = args.objective
+    for assignment in args.set:
+        if assignment.partition("=")[0].strip() == "objective":
+            set_path(probe, assignment)
+    return str(probe["objective"])
+
+
+def apply_overrides(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     if args.config:
         merge(cfg, load_config_file(args.config))
     for flag, key in FLAGS.items():
@@ -80,11 +110,6 @@ def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str
             set_path(cfg, f"{key}={json.dumps(value)}")
     for assignment in args.set:
         set_path(cfg, assignment)
-    cfg["out"] = str(args.out)
-    if args.no_progress:
-        cfg["progress"] = False
-    check(cfg)
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

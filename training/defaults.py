@@ -19,6 +19,7 @@ from typing import Any
 
 COMMON: dict[str, Any] = {
     "modality": None,
+    "objective": "data2vec",  # data2vec | data2vec2 (encode the visible positions only, conv decoder, M masks)
     "preset": "tiny",
     "steps": None,  # optimizer updates
     "out": None,
@@ -49,6 +50,7 @@ COMMON: dict[str, Any] = {
     "loss_scale": None,  # None: 1 / sqrt(hidden_size)
     "loss_reduce": "sum",  # over dims per masked position: sum | mean
     "head_layers": 1,  # 1: Linear(D, D); 2: Linear(D, 2D) -> GELU -> Linear(2D, D)
+    "target_layers_of_12": None,  # top-K target layers per 12, scaled to the depth; None: the modality's data2vec K
     "teacher": {
         "drop": [],  # student parts the teacher leaves out
         "copy": [],  # student parameters the teacher shares (copied after every step, not averaged)
@@ -62,6 +64,8 @@ COMMON: dict[str, Any] = {
     "stop_at": None,  # end this invocation (with a checkpoint) after this update; --resume continues to `steps`
     "progress": True,  # tqdm progress bar on rank 0
     "masking": {},
+    "decoder": {},  # data2vec2 only
+    "cls_loss": 0.0,  # data2vec2: weight of the CLS output regressing the mean patch target (image)
     "data": {
         "path": None,
         "num_workers": 2,  # decoding threads
@@ -122,6 +126,61 @@ MODALITY: dict[str, dict[str, Any]] = {
     },
 }
 
+# data2vec 2.0 (fairseq examples/data2vec/config/v2/base_*_only_task.yaml), applied on top of the modality's table
+# with `--objective data2vec2`; `masking` and `decoder` replace the data2vec sections whole. The decoder width scales
+# with the model: decoder.dim None = the reference width x hidden / 768 (audio 384, image and text 768 at base).
+OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
+    "data2vec": {"audio": {}, "image": {}, "text": {}},
+    "data2vec2": {
+        "audio": {
+            "batch_size": 4,
+            "lr": 7.5e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "clip_grad": 0.0,
+            "schedule": "cosine", "warmup_frac": 0.02,
+            "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_steps": 75000,
+            "loss_beta": 0.0, "loss_scale": None, "loss_reduce": "sum", "head_layers": 1, "cls_loss": 0.0,
+            "target_layers_of_12": 8,
+            "teacher": {"drop": ["feature_extractor", "feature_projection", "mask_embedding"], "copy": [],
+                        "reads_student_features": True, "mask_param": "mask_embedding"},
+            "masking": {"mask_prob": 0.5, "mask_length": 5, "num_masks": 8},
+            "decoder": {"dim": None, "kernel": 7, "groups": 16, "layers": 4, "residual": True,
+                        "input_dropout": 0.1, "mask_noise_std": 0.01},
+            "model": {"layerdrop": 0.05, "target_source": "ffn", "target_norm": "instance",
+                      "target_final_norm": False},
+        },
+        "image": {
+            "batch_size": 16,
+            "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05, "clip_grad": 4.0,
+            "schedule": "cosine", "warmup_frac": 0.1333, "min_lr_ratio": 0.0,
+            "ema_decay": 0.9998, "ema_end_decay": 0.99999, "ema_anneal_steps": 100000,
+            "loss_beta": 0.0, "loss_scale": None, "loss_reduce": "sum", "head_layers": 1, "cls_loss": 0.01,
+            "target_layers_of_12": 10,
+            "teacher": {"drop": [], "copy": [], "reads_student_features": False, "mask_param": "mask_token"},
+            # inverse block masking: 39 of 196 patches kept (in 3x3 blocks); None scales 39/196 to the grid
+            "masking": {"keep_patches": None, "keep_block": 3, "num_masks": 16},
+            "decoder": {"dim": None, "kernel": 3, "groups": 16, "layers": 6, "residual": True,
+                        "input_dropout": 0.0, "mask_noise_std": 0.01},
+            "model": {"drop_path": 0.0, "target_source": "ffn", "target_norm": "instance",
+                      "target_final_norm": True},
+        },
+        "text": {
+            "batch_size": 8,
+            "lr": 2e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "clip_grad": 1.0,
+            "schedule": "cosine", "warmup_frac": 0.01,
+            "ema_decay": 0.9999, "ema_end_decay": 0.99999, "ema_anneal_steps": 100000,
+            "loss_beta": 0.0, "loss_scale": 1.0, "loss_reduce": "sum", "head_layers": 2, "cls_loss": 0.0,
+            "target_layers_of_12": 12,
+            "teacher": {"drop": [], "copy": ["token_embed", "position_embed", "token_type_embed", "embed_norm"],
+                        "reads_student_features": False, "mask_param": None},
+            "masking": {"mask_prob": 0.48, "mask_length": 1, "num_masks": 8},
+            "decoder": {"dim": None, "kernel": 9, "groups": 1, "layers": 5, "residual": False,
+                        "input_dropout": 0.1, "mask_noise_std": 0.01},
+            "model": {"target_source": "ffn", "target_norm": "instance", "target_final_norm": False},
+        },
+    },
+}
+DECODER_WIDTH_AT_768 = {"audio": 384, "image": 768, "text": 768}
+INVERSE_KEEP_FRACTION = 39 / 196
+
 BEIT_MASK_FRACTION = 120 / 196
 GUARD_MIN_AFTER = 100
 
@@ -130,11 +189,18 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used (one-line message)."""
 
 
-def defaults(modality: str) -> dict[str, Any]:
+def defaults(modality: str, objective: str = "data2vec") -> dict[str, Any]:
     if modality not in MODALITY:
         raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITY)}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     cfg = merge(copy.deepcopy(COMMON), MODALITY[modality], strict=False)
-    cfg["modality"] = modality
+    table = copy.deepcopy(OBJECTIVES[objective][modality])
+    for section in ("masking", "decoder"):
+        if section in table:
+            cfg[section] = table.pop(section)
+    merge(cfg, table, strict=False)
+    cfg["modality"], cfg["objective"] = modality, objective
     return cfg
 
 
@@ -201,8 +267,13 @@ def resolve_derived(cfg: dict[str, Any], hidden_size: int, num_patches: int | No
     if cfg["loss_scale"] is None:
         cfg["loss_scale"] = 1.0 / math.sqrt(hidden_size)
     masking = cfg["masking"]
-    if cfg["modality"] == "image" and masking.get("num_mask_patches") is None:
+    if cfg["modality"] == "image" and "num_mask_patches" in masking and masking["num_mask_patches"] is None:
         masking["num_mask_patches"] = round(BEIT_MASK_FRACTION * num_patches)
+    if cfg["modality"] == "image" and "keep_patches" in masking and masking["keep_patches"] is None:
+        masking["keep_patches"] = max(1, round(INVERSE_KEEP_FRACTION * num_patches))
+    decoder = cfg["decoder"]
+    if "dim" in decoder and decoder["dim"] is None:
+        decoder["dim"] = max(1, round(DECODER_WIDTH_AT_768[cfg["modality"]] * hidden_size / 768))
     return cfg
 
 
@@ -225,6 +296,8 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {cfg['device']!r}")
+    if cfg.get("objective", "data2vec") not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg['objective']!r}")
     if not (isinstance(cfg["lr"], int | float) and cfg["lr"] > 0):
         raise ConfigError(f"lr must be a positive number, got {cfg['lr']!r}")
 

@@ -172,3 +172,104 @@ class BatchMasker:
         ids, mask = self.tokens(batch["input_ids"], batch["attention_mask"], rng)
         return {"inputs": batch, "mask": mask,
                 "student_inputs": {"input_ids": ids, "attention_mask": batch["attention_mask"]}}
+
+
+# ------------------------------------------------------------------------------------------------ data2vec 2.0
+
+
+def exact_block_mask(size: int, count: int, block: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [size] with exactly `count` True, in non-overlapping blocks of `block` (one shorter block takes the
+    remainder); adjacent blocks may touch. Uniform over arrangements: the free positions are split by stars and bars."""
+    lengths = [block] * (count // block) + ([count % block] if count % block else [])
+    rng.shuffle(lengths)
+    free = size - count
+    slots = np.sort(rng.choice(free + len(lengths), len(lengths), replace=False))
+    mask = np.zeros(size, dtype=bool)
+    start = 0
+    for j, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+        begin = slot - j + start  # free positions before this block + the blocks already placed
+        mask[begin: begin + length] = True
+        start += length
+    return mask
+
+
+def inverse_block_mask(grid: int, keep: int, block: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [grid * grid], True = masked: exactly `keep` patches stay visible, as square blocks of `block` x `block`
+    around random centres (clipped at the border); the last block gives up random patches to hit `keep` exactly."""
+    kept = np.zeros((grid, grid), dtype=bool)
+    count = 0
+    low, high = (block - 1) // 2, block // 2 + 1
+    while count < keep:
+        r, c = (int(v) for v in rng.integers(0, grid, 2))
+        window = kept[max(0, r - low): r + high, max(0, c - low): c + high]
+        new = np.flatnonzero(~window.reshape(-1))
+        if len(new) == 0:
+            continue
+        if count + len(new) > keep:
+            new = rng.choice(new, keep - count, replace=False)
+        flat = window.reshape(-1).copy()
+        flat[new] = True
+        window[...] = flat.reshape(window.shape)
+        count += len(new)
+    return ~kept.reshape(-1)
+
+
+def visible_positions(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """mask / valid bool [N, T] -> int64 [N, K], the positions the student encodes, ascending: the unmasked valid
+    positions, then padded ones, so that every row keeps the same K = T - (most masked in a row). A row with fewer
+    masked positions also leaves out some of its padding (never a valid position)."""
+    removed = mask.sum(1)
+    k = mask.shape[1] - int(removed.max(initial=0))
+    keep = np.empty((len(mask), k), dtype=np.int64)
+    for row, (m, v) in enumerate(zip(mask, valid, strict=True)):
+        shown = np.flatnonzero(~m & v)
+        if len(shown) > k:
+            raise ValueError("a row keeps more valid positions than the batch allows")
+        keep[row] = np.sort(np.concatenate([shown, np.flatnonzero(~v)[: k - len(shown)]]))
+    return keep
+
+
+class MultiMasker:
+    """data2vec 2.0: `num_masks` masks per item, rows b * M + j of the expanded batch. Returns clean `inputs`,
+    `mask` (bool [B*M, T], the positions to predict) and `keep` (int64 [B*M, K], the positions the student encodes).
+
+    - audio: blocks of `mask_length` frames, exactly round(mask_prob * valid frames) masked per item
+    - image: inverse block masking, exactly `keep_patches` patches kept in `keep_block` x `keep_block` blocks
+    - text: exactly round(mask_prob * real tokens) random tokens (`mask_length` 1), <s> and </s> included
+    """
+
+    def __init__(self, modality: str, options: dict[str, Any], conv_layers: list[list[int]] | None = None,
+                 grid: int | None = None) -> None:
+        self.modality = modality
+        self.num_masks = int(options["num_masks"])
+        if self.num_masks < 1:
+            raise ValueError(f"masking.num_masks must be >= 1, got {self.num_masks}")
+        if modality == "image":
+            self.grid, self.keep, self.block = int(grid), int(options["keep_patches"]), int(options["keep_block"])
+            if not 1 <= self.keep <= self.grid ** 2:
+                raise ValueError(f"masking.keep_patches must be in 1..{self.grid ** 2}, got {self.keep}")
+        else:
+            self.conv_layers = conv_layers
+            self.rate, self.length = float(options["mask_prob"]), int(options["mask_length"])
+            if not 0 < self.rate < 1 or self.length < 1:
+                raise ValueError(f"masking.mask_prob must be in (0, 1) and mask_length >= 1, got {self.rate}, "
+                                 f"{self.length}")
+
+    def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+        m = self.num_masks
+        if self.modality == "image":
+            rows = len(batch["pixel_values"]) * m
+            mask = np.stack([inverse_block_mask(self.grid, self.keep, self.block, rng) for _ in range(rows)])
+            return {"inputs": batch, "mask": mask, "keep": visible_positions(mask, np.ones_like(mask))}
+        if self.modality == "audio":
+            total = int(audio_frames(batch["input_values"].shape[1], self.conv_layers))
+            lengths = audio_frames(batch["attention_mask"].sum(1), self.conv_layers)
+            valid = np.arange(total)[None, :] < np.asarray(lengths)[:, None]
+        else:
+            valid = batch["attention_mask"].astype(bool)
+        valid = np.repeat(valid, m, axis=0)
+        mask = np.zeros_like(valid)
+        for row, v in zip(mask, valid, strict=True):
+            where = np.flatnonzero(v)
+            row[where] = exact_block_mask(len(where), round(self.rate * len(where)), self.length, rng)
+        return {"inputs": batch, "mask": mask, "keep": visible_positions(mask, valid)}

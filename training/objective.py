@@ -45,13 +45,14 @@ class StepOutput:
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached scalars: target_var, pred_var, masked
 
 
-def regression_head(dim: int, layers: int) -> nn.Module:
+def regression_head(dim: int, layers: int, out_dim: int | None = None) -> nn.Module:
+    out_dim = dim if out_dim is None else out_dim
     if layers <= 1:
-        return nn.Linear(dim, dim)
+        return nn.Linear(dim, out_dim)
     blocks: list[nn.Module] = [nn.Linear(dim, 2 * dim), nn.GELU()]
     for _ in range(layers - 2):
         blocks += [nn.Linear(2 * dim, 2 * dim), nn.GELU()]
-    return nn.Sequential(*blocks, nn.Linear(2 * dim, dim))
+    return nn.Sequential(*blocks, nn.Linear(2 * dim, out_dim))
 
 
 def spread(x: Tensor) -> Tensor:
@@ -71,7 +72,9 @@ def regression_loss(pred: Tensor, target: Tensor, spec: LossSpec) -> Tensor:
 
 
 class Data2Vec(nn.Module):
-    def __init__(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec) -> None:
+    predictor = "head"  # the training-only module that maps student outputs to targets (its checkpoint key)
+
+    def __init__(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec, head: nn.Module | None = None) -> None:
         super().__init__()
         if loss.reduce not in ("sum", "mean"):
             raise ValueError(f"loss reduce must be 'sum' or 'mean', got {loss.reduce!r}")
@@ -80,7 +83,7 @@ class Data2Vec(nn.Module):
         self.spec = teacher
         self.loss_spec = loss
         self.teacher = EMATeacher(student, drop=teacher.drop, copy_params=teacher.copy)
-        self.head = regression_head(self.cfg.hidden_size, loss.head_layers)
+        self.head = head if head is not None else regression_head(self.cfg.hidden_size, loss.head_layers)
 
     @torch.no_grad()
     def targets(self, inputs: dict[str, Tensor], features: Tensor, valid: Tensor | None) -> Tensor:
@@ -117,4 +120,8 @@ class Data2Vec(nn.Module):
         self.teacher.update(self.student, decay)
 
     def training_state(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.model.state_dict(), "head": self.head.state_dict()}
+        return {"teacher": self.teacher.model.state_dict(), self.predictor: self.head.state_dict()}
+
+    def load_training_state(self, training: dict[str, Any]) -> None:
+        self.teacher.model.load_state_dict(training["teacher"])
+        self.head.load_state_dict(training[self.predictor])

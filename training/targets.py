@@ -42,7 +42,11 @@ def normalize_layer(x: Tensor, valid_mask: Tensor, kind: str) -> Tensor:
 
 def target_representation(out: EncoderOutput, cfg: EncoderConfig) -> Tensor:
     """[B, T, D] float32: what the data2vec student learns to predict at every position."""
-    layers = [normalize_layer(t.float(), out.valid_mask, cfg.target_norm) for t in top_layer_outputs(out, cfg)]
+    valid = out.valid_mask
+    if cfg.modality == "image" and cfg.target_norm == "instance":  # over the patches: the CLS token stays out
+        valid = valid.clone()
+        valid[:, 0] = False
+    layers = [normalize_layer(t.float(), valid, cfg.target_norm) for t in top_layer_outputs(out, cfg)]
     y = torch.stack(layers).mean(0)
     if cfg.target_final_norm:
         y = F.layer_norm(y, y.shape[-1:], eps=EPS)

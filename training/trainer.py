@@ -33,9 +33,10 @@ from .checkpoint import encoder_config, initial_encoder, make_checkpoint, save_c
 from .data import BatchStream, DataConfig, build_text_preprocessing, open_dataset
 from .data_sources import find_sources
 from .defaults import ConfigError, resolve_derived
-from .masking import BatchMasker, TokenMasking
+from .masking import BatchMasker, MultiMasker, TokenMasking
 from .models import EncoderConfig, build_encoder
 from .objective import Data2Vec, LossSpec, TeacherSpec
+from .objective2 import Data2Vec2, DecoderSpec
 from .plots import plot_training_curves
 from .schedules import ema_decay, learning_rate
 
@@ -73,10 +74,9 @@ class Trainer:
                                    t["mask_param"])
         loss_spec = LossSpec(float(cfg["loss_beta"]), float(cfg["loss_scale"]), cfg["loss_reduce"],
                              int(cfg["head_layers"]))
-        self.objective = Data2Vec(student, teacher_spec, loss_spec)  # the head is initialised here (seeded)
+        self.objective = self._objective(student, teacher_spec, loss_spec)  # head / decoder initialised here (seeded)
         if resume is not None:
-            self.objective.teacher.model.load_state_dict(resume["training"]["teacher"])
-            self.objective.head.load_state_dict(resume["training"]["head"])
+            self.objective.load_training_state(resume["training"])
         self.objective.to(self.device)
         self.model: nn.Module = self.objective
         if self.dist.enabled:
@@ -108,6 +108,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ building
 
+    def _objective(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec) -> Data2Vec:
+        cfg = self.cfg
+        if cfg.get("objective", "data2vec") == "data2vec":
+            return Data2Vec(student, teacher, loss)
+        decoder = DecoderSpec(**cfg["decoder"], head_layers=int(cfg["head_layers"]))
+        return Data2Vec2(student, teacher, loss, decoder, int(cfg["masking"]["num_masks"]), float(cfg["cls_loss"]))
+
     def _preprocessing(self, resume: dict | None, init: dict | None) -> dict[str, Any]:
         cfg, modality = self.cfg, self.cfg["modality"]
         for ckpt in (resume, init):
@@ -130,7 +137,8 @@ class Trainer:
         return distributed.broadcast_object(pre, self.dist)
 
     def _preset_config(self) -> EncoderConfig:
-        return EncoderConfig.preset(self.cfg["modality"], self.cfg["preset"], **self.cfg["model"])
+        return EncoderConfig.preset(self.cfg["modality"], self.cfg["preset"], self.cfg.get("target_layers_of_12"),
+                                    **self.cfg["model"])
 
     def _encoder_config(self, resume: dict | None, init: dict | None) -> EncoderConfig:
         if resume is not None:
@@ -179,8 +187,10 @@ class Trainer:
         pre = preprocessing_from_dict(cfg["modality"], self.preprocessing)
         return open_dataset(cfg["modality"], data["path"], pre, DataConfig(**options))
 
-    def _masker(self) -> BatchMasker:
+    def _masker(self) -> BatchMasker | MultiMasker:
         modality, options = self.cfg["modality"], self.cfg["masking"]
+        if isinstance(self.objective, Data2Vec2):
+            return MultiMasker(modality, options, conv_layers=self.enc_cfg.conv_layers, grid=self.enc_cfg.grid_size)
         if modality != "text":
             return BatchMasker(modality, options, conv_layers=self.enc_cfg.conv_layers, grid=self.enc_cfg.grid_size)
         pre = TextPreprocessing.from_dict(self.preprocessing)
@@ -346,8 +356,8 @@ class Trainer:
             "optimizer": _cpu(self.optimizer.state_dict()),
             "scheduler": {"name": cfg["schedule"], "step": self.step, "lr": learning_rate(self.step, cfg)},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "teacher": _cpu(self.objective.teacher.model.state_dict()),
-            "head": _cpu(self.objective.head.state_dict()),
+            "objective": cfg.get("objective", "data2vec"),
+            **_cpu(self.objective.training_state()),  # teacher, and head (data2vec) or decoder (data2vec2)
             "ema": {"decay": metrics.get("ema_decay"), "updates": self.step, "start": cfg["ema_decay"],
                     "end": cfg["ema_end_decay"], "anneal_steps": cfg["ema_anneal_steps"]},
             "rng": {"torch": [r["torch"] for r in rng], "cuda": [r["cuda"] for r in rng]},

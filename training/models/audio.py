@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
+from .gather import gather_positions
 from .transformer import EncoderOutput, Transformer
 
 
@@ -87,18 +88,28 @@ class AudioEncoder(nn.Module):
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         return x, valid
 
-    def encode(self, x: Tensor, valid_mask: Tensor | None) -> EncoderOutput:
+    def encode(self, x: Tensor, valid_mask: Tensor | None, keep: Tensor | None = None) -> EncoderOutput:
         """Positional convs, input norm and the Transformer. Padded frames are re-zeroed before every positional
-        conv layer, so an item inside a padded batch computes exactly what it computes alone."""
-        keep = None if valid_mask is None else valid_mask.unsqueeze(-1).to(x.dtype)
-        pos = x if keep is None else x * keep
+        conv layer, so an item inside a padded batch computes exactly what it computes alone.
+
+        `keep` [B, K] (data2vec 2.0): the Transformer sees only these frames. The others are zeroed before the
+        positional convs (as the reference zeroes masked frames), so nothing of them reaches the kept ones."""
+        shown = valid_mask
+        if keep is not None:
+            kept = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, True)
+            shown = kept if shown is None else shown & kept
+        zero = None if shown is None else shown.unsqueeze(-1).to(x.dtype)
+        pos = x if zero is None else x * zero
         x = pos
         pos = pos.transpose(1, 2)
         for layer in self.pos_conv:
-            if keep is not None:
-                pos = pos * keep.transpose(1, 2)
+            if zero is not None:
+                pos = pos * zero.transpose(1, 2)
             pos = layer(pos)
         x = self.input_dropout(self.input_norm(x + pos.transpose(1, 2)))
+        if keep is not None:
+            x = gather_positions(x, keep)
+            valid_mask = None if valid_mask is None else gather_positions(valid_mask, keep)
         return self.transformer(x, valid_mask)
 
     def forward(

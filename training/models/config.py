@@ -105,13 +105,15 @@ class EncoderConfig:
         return dataclasses.replace(self, **overrides)
 
     @classmethod
-    def preset(cls, modality: str, name: str, **overrides: Any) -> EncoderConfig:
+    def preset(cls, modality: str, name: str, top_k_of_12: int | None = None, **overrides: Any) -> EncoderConfig:
+        """`top_k_of_12`: target layers per 12, scaled to the depth (None: the modality's data2vec K)."""
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
         values = {**MODALITY_DEFAULTS[modality], **SIZES[name], **SIZE_MODALITY[name].get(modality, {}), **overrides}
-        values.setdefault("target_layers", _scaled_top_k(TOP_K_OF_12[modality], values["num_layers"], name))
+        k_of_12 = TOP_K_OF_12[modality] if top_k_of_12 is None else top_k_of_12
+        values.setdefault("target_layers", _scaled_top_k(k_of_12, values["num_layers"], name))
         return cls(modality=modality, **values)
 
 

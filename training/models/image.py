@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import EncoderConfig
+from .gather import gather_positions
 from .transformer import EncoderOutput, Transformer
 
 
@@ -36,12 +38,20 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"expected {size}x{size} pixels, got {tuple(pixel_values.shape[-2:])}")
         return self.patch_embed(pixel_values).flatten(2).transpose(1, 2), None
 
-    def encode(self, x: Tensor, valid_mask: Tensor | None = None) -> EncoderOutput:
+    def encode(self, x: Tensor, valid_mask: Tensor | None = None, keep: Tensor | None = None) -> EncoderOutput:
+        """`keep` [B, K] (data2vec 2.0): encode the CLS token and only these patches; relative position bias (and
+        absolute positions) follow the kept patches' places on the grid."""
+        positions = None
+        if keep is not None:
+            x = gather_positions(x, keep)
+            positions = F.pad(keep + 1, (1, 0))  # token 0 is CLS, patch p is token p + 1
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
-        out = self.transformer(self.input_dropout(x), None)
+            pos = self.pos_embed if positions is None else gather_positions(self.pos_embed.expand(len(x), -1, -1),
+                                                                            positions)
+            x = x + pos.to(x.dtype)
+        out = self.transformer(self.input_dropout(x), None, positions)
         out.last_hidden_state = self.final_norm(out.last_hidden_state)
         return out
 

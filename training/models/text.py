@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import EncoderConfig
+from .gather import gather_positions
 from .transformer import EncoderOutput, Transformer
 
 
@@ -31,7 +32,11 @@ class TextEncoder(nn.Module):
         x = x + self.token_type_embed.weight[0]
         return self.input_dropout(self.embed_norm(x)), (valid if attention_mask is not None else None)
 
-    def encode(self, x: Tensor, valid_mask: Tensor | None) -> EncoderOutput:
+    def encode(self, x: Tensor, valid_mask: Tensor | None, keep: Tensor | None = None) -> EncoderOutput:
+        """`keep` [B, K] (data2vec 2.0): encode only these tokens (their embeddings already carry positions)."""
+        if keep is not None:
+            x = gather_positions(x, keep)
+            valid_mask = None if valid_mask is None else gather_positions(valid_mask, keep)
         return self.transformer(x, valid_mask)
 
     def forward(

@@ -42,9 +42,13 @@ class RelativePositionBias(nn.Module):
         index[0, 0] = num_distances - 1
         return index
 
-    def forward(self) -> Tensor:
-        n = self.index.shape[0]
-        return self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [H, N, N]
+    def forward(self, positions: Tensor | None = None) -> Tensor:
+        """[1, H, N, N] over the whole grid, or [B, H, K, K] between the token `positions` [B, K] (0: CLS, 1 + p:
+        patch p) that a data2vec 2.0 student keeps."""
+        if positions is None:
+            n = self.index.shape[0]
+            return self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        return self.table[self.index[positions[:, :, None], positions[:, None, :]]].permute(0, 3, 1, 2)
 
 
 class SelfAttention(nn.Module):
@@ -60,11 +64,11 @@ class SelfAttention(nn.Module):
         self.rel_pos_bias = RelativePositionBias(cfg.grid_size, cfg.num_heads) if rel_pos_bias else None
         self.use_sdpa = True  # export may switch to the plain math (see export notes on relative position bias)
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None, positions: Tensor | None = None) -> Tensor:
         b, t, d = x.shape
         q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
         if self.rel_pos_bias is not None:
-            own = self.rel_pos_bias().unsqueeze(0)
+            own = self.rel_pos_bias(positions)
             bias = own if bias is None else bias + own
         p = self.dropout if self.training else 0.0
         if self.use_sdpa:
@@ -128,15 +132,15 @@ class TransformerLayer(nn.Module):
         else:
             self.gamma_attn = self.gamma_ffn = None
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bias: Tensor | None, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.pre_norm:
-            a = self.dropout(self.attn(self.attn_norm(x), bias))
+            a = self.dropout(self.attn(self.attn_norm(x), bias, positions))
             x = x + self.drop_path(a if self.gamma_attn is None else self.gamma_attn * a)
             f = self.ffn(self.ffn_norm(x))
             g = self.dropout(f)
             x = x + self.drop_path(g if self.gamma_ffn is None else self.gamma_ffn * g)
             return x, f
-        x = self.attn_norm(x + self.dropout(self.attn(x, bias)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, bias, positions)))
         f = self.ffn(x)
         return self.ffn_norm(x + self.dropout(f)), f
 
@@ -150,13 +154,14 @@ class Transformer(nn.Module):
         shared = cfg.modality == "image" and cfg.rel_pos_bias in ("shared", "both")
         self.rel_pos_bias = RelativePositionBias(cfg.grid_size, cfg.num_heads) if shared else None
 
-    def forward(self, x: Tensor, valid_mask: Tensor | None) -> EncoderOutput:
+    def forward(self, x: Tensor, valid_mask: Tensor | None, positions: Tensor | None = None) -> EncoderOutput:
+        """`positions` [B, K]: which tokens of the full image sequence x holds (relative position bias only)."""
         bias = None
         if valid_mask is not None:  # additive key-padding mask, [B, 1, 1, T]
             bias = torch.zeros_like(valid_mask, dtype=x.dtype).masked_fill(~valid_mask, torch.finfo(x.dtype).min)
             bias = bias[:, None, None, :]
         if self.rel_pos_bias is not None:
-            shared = self.rel_pos_bias().unsqueeze(0)
+            shared = self.rel_pos_bias(positions)
             bias = shared if bias is None else bias + shared
         hidden_states: list[Tensor] = [x]
         ffn_outputs: list[Tensor | None] = []
@@ -164,7 +169,7 @@ class Transformer(nn.Module):
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 ffn_outputs.append(None)
             else:
-                x, f = layer(x, bias)
+                x, f = layer(x, bias, positions)
                 ffn_outputs.append(f)
             hidden_states.append(x)
         if valid_mask is None:
