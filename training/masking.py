@@ -180,16 +180,15 @@ class BatchMasker:
 def exact_block_mask(size: int, count: int, block: int, rng: np.random.Generator) -> np.ndarray:
     """bool [size] with exactly `count` True, in non-overlapping blocks of `block` (one shorter block takes the
     remainder); adjacent blocks may touch. Uniform over arrangements: the free positions are split by stars and bars."""
-    lengths = [block] * (count // block) + ([count % block] if count % block else [])
+    lengths = np.full(count // block + (1 if count % block else 0), block, dtype=np.int64)
+    if count % block:
+        lengths[-1] = count % block
     rng.shuffle(lengths)
-    free = size - count
-    slots = np.sort(rng.choice(free + len(lengths), len(lengths), replace=False))
+    slots = np.sort(rng.choice(size - count + len(lengths), len(lengths), replace=False))
+    placed = np.cumsum(lengths) - lengths  # block lengths before each block
+    begins = slots - np.arange(len(lengths)) + placed  # free positions before the block + the blocks before it
     mask = np.zeros(size, dtype=bool)
-    start = 0
-    for j, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
-        begin = slot - j + start  # free positions before this block + the blocks already placed
-        mask[begin: begin + length] = True
-        start += length
+    mask[np.repeat(begins - placed, lengths) + np.arange(count)] = True
     return mask
 
 
@@ -218,15 +217,11 @@ def visible_positions(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """mask / valid bool [N, T] -> int64 [N, K], the positions the student encodes, ascending: the unmasked valid
     positions, then padded ones, so that every row keeps the same K = T - (most masked in a row). A row with fewer
     masked positions also leaves out some of its padding (never a valid position)."""
-    removed = mask.sum(1)
-    k = mask.shape[1] - int(removed.max(initial=0))
-    keep = np.empty((len(mask), k), dtype=np.int64)
-    for row, (m, v) in enumerate(zip(mask, valid, strict=True)):
-        shown = np.flatnonzero(~m & v)
-        if len(shown) > k:
-            raise ValueError("a row keeps more valid positions than the batch allows")
-        keep[row] = np.sort(np.concatenate([shown, np.flatnonzero(~v)[: k - len(shown)]]))
-    return keep
+    k = mask.shape[1] - int(mask.sum(1).max(initial=0))
+    if (mask & ~valid).any() or ((valid & ~mask).sum(1) > k).any():
+        raise ValueError("masks must cover valid positions only, and leave no row more than the batch can keep")
+    rank = np.where(mask, 2, np.where(valid, 0, 1))  # unmasked valid first, then padding, masked last
+    return np.sort(np.argsort(rank, axis=1, kind="stable")[:, :k], axis=1).astype(np.int64)
 
 
 class MultiMasker:
