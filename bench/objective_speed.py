@@ -1,0 +1,298 @@
+"""data2vec 2.0 vs data2vec: compute to reach the same linear-probe accuracy, on docs/quality.md's data and probe.
+
+    .venv/bin/python bench/objective_speed.py train --out runs/objective --modality image --objective data2vec \\
+        --steps 2500 --probe-at 250,500,1000,1500,2000,2500
+    .venv/bin/python bench/objective_speed.py train --out runs/objective --modality image --objective data2vec2 \\
+        --steps 600 --probe-at 100,200,300,400,600 [--set masking.num_masks=8 ...] [--name image-d2v2-lr1e-3]
+    .venv/bin/python bench/objective_speed.py report --out runs/objective      # OUT/objective_speed.json + table
+
+`train` builds the modality's labelled set once (bench/quality.py's builders: the train split is the unlabelled
+pretraining data, the held-out split is what the probe sees), then pretrains `tiny` in a child process with
+OMP_NUM_THREADS=1 in segments (`stop_at`), copying the checkpoint at each --probe-at update and recording the child's
+own process CPU time (all its threads: torch and the data-decoding threads) and wall time there. The time axis is the
+training loop only: imports and the trainer's setup (model, data, tokenizer) are recorded apart, as `setup_cpu_s`.
+Each checkpoint is then probed exactly as `d2v-eval CKPT DATA` (mean-pooled last layer, standardised logistic
+regression, stratified 5-fold CV, seed 0); the initial weights (same preset and seed) are the step-0 point.
+
+`report` pairs each data2vec2 run with the modality's data2vec run and gives, per modality: items/s (dataset items
+and items the student encodes: x num_masks) per CPU second and per wall second, the CPU and wall time each reaches
+the target probe accuracy (data2vec's final accuracy unless --target-gain-fraction), the speed-up, and data2vec2's
+accuracy at data2vec's final CPU time. CPU time is the main figure: on a shared machine wall time measures the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TIMELINE = "timeline.jsonl"  # one line per saved checkpoint: step, samples, cpu_s, wall_s
+CURVE = "curve.json"  # the run's config, timeline and probe accuracy per checkpoint
+REPRESENTATION = "last"  # the probe every modality has (audio has no pooled target space)
+
+Point = tuple[float, float]  # (time in seconds, probe accuracy)
+
+
+# ---------------------------------------------------------------------------------------------------- curves
+
+
+def time_to_accuracy(points: list[Point], target: float) -> float | None:
+    """The first time a curve reaches `target`, linear between measured points; None if it never does.
+
+    points: (time, accuracy) in time order, the first usually (0, initial accuracy)."""
+    if not points:
+        return None
+    if points[0][1] >= target:
+        return points[0][0]
+    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
+        if a1 >= target:
+            return t0 + (t1 - t0) * (target - a0) / (a1 - a0)
+    return None
+
+
+def accuracy_at(points: list[Point], t: float) -> float | None:
+    """A curve's accuracy at time t, linear between measured points; None outside the measured range."""
+    if not points or t < points[0][0] or t > points[-1][0]:
+        return None
+    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
+        if t0 <= t <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (t - t0) / (t1 - t0)
+    return points[-1][1]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _segments(args: argparse.Namespace) -> int:
+    """Child process: run d2v-train's Trainer in segments, timing each in this process's own CPU time."""
+    import torch
+
+    from d2v.training.cli import parser, resolve
+    from d2v.training.trainer import CKPT_NAME, Trainer
+
+    class SegmentTrainer(Trainer):
+        def plot(self) -> None:  # the curves are drawn once, after the last segment, outside the timed loop
+            pass
+
+    run = Path(args.run)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cfg = resolve(parser().parse_args(args.train_args), None)
+    trainer = SegmentTrainer(cfg)
+    setup = {"event": "setup", "setup_cpu_s": round(time.process_time() - cpu0, 3),
+             "setup_wall_s": round(time.perf_counter() - wall0, 3), "torch_threads": torch.get_num_threads(),
+             "config": cfg}
+    timeline = (run / TIMELINE).open("w", encoding="utf-8")
+    timeline.write(json.dumps(setup) + "\n")
+    cpu, wall = time.process_time(), time.perf_counter()
+    for stop in _probe_steps(args.probe_at, int(cfg["steps"])):
+        cfg["stop_at"] = stop
+        trainer.run()
+        row = {"step": trainer.step, "samples": trainer.samples, "cpu_s": round(time.process_time() - cpu, 3),
+               "wall_s": round(time.perf_counter() - wall, 3)}
+        timeline.write(json.dumps(row) + "\n")
+        timeline.flush()
+        shutil.copyfile(run / CKPT_NAME, run / f"ckpt-{trainer.step:06d}.pt")
+    timeline.close()
+    Trainer.plot(trainer)
+    return 0
+
+
+def _probe_steps(spec: str, steps: int) -> list[int]:
+    out = sorted({int(s) for s in spec.split(",") if s.strip()} | {steps})
+    if out[0] < 1 or out[-1] > steps:
+        raise SystemExit(f"objective_speed: --probe-at must lie in 1..--steps ({steps}), got {spec}")
+    return out
+
+
+def _dataset(out: Path, modality: str) -> tuple[Path, Path]:
+    """The modality's (train, labelled) paths, built once under OUT/data (bench/quality.py's builders)."""
+    from bench.quality import BUILDERS
+
+    data_dir = out / "data" / modality
+    done = data_dir / ".built"
+    build, _ = BUILDERS[modality]
+    if done.exists():
+        return tuple(Path(p) for p in json.loads(done.read_text(encoding="utf-8")))  # type: ignore[return-value]
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    train, labelled = build(data_dir)
+    done.write_text(json.dumps([str(train), str(labelled)]), encoding="utf-8")
+    return train, labelled
+
+
+def _probe(ckpt: Path, labelled: Path, initial: bool = False) -> float:
+    from d2v.training.evaluate import evaluate
+
+    report = evaluate(ckpt, labelled, baseline="auto" if initial else None)
+    return report["models"]["initial" if initial else "pretrained"][REPRESENTATION]["accuracy"]
+
+
+def train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    name = args.name or f"{args.modality}-{args.objective}"
+    run = out / "runs" / name
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    train_path, labelled = _dataset(out, args.modality)
+    train_args = ["--modality", args.modality, "--data", str(train_path), "--preset", "tiny", "--steps",
+                  str(args.steps), "--out", str(run), "--seed", str(args.seed), "--log-every", "10", "--no-progress",
+                  "--save-every", str(10 ** 9)]
+    if args.objective != "data2vec":  # the default objective needs no flag (and works on trees without it)
+        train_args += ["--objective", args.objective]
+    for s in args.set:
+        train_args += ["--set", s]
+    print("$ d2v-train " + " ".join(train_args), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, __file__, "_segments", "--run", str(run), "--probe-at", args.probe_at, "--", *train_args]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    total_wall = time.perf_counter() - start
+    lines = [json.loads(line) for line in (run / TIMELINE).read_text(encoding="utf-8").splitlines()]
+    setup, timeline = lines[0], lines[1:]
+    cfg = setup.pop("config")
+    initial_cache = out / "data" / f"{args.modality}-initial-seed{args.seed}.json"
+    if initial_cache.exists():
+        initial = json.loads(initial_cache.read_text(encoding="utf-8"))["accuracy"]
+    else:
+        initial = _probe(run / f"ckpt-{timeline[0]['step']:06d}.pt", labelled, initial=True)
+        initial_cache.write_text(json.dumps({"accuracy": initial}), encoding="utf-8")
+    for row in timeline:
+        ckpt = run / f"ckpt-{row['step']:06d}.pt"
+        row["accuracy"] = _probe(ckpt, labelled)
+        print(f"{name}: step {row['step']:>5}  cpu {row['cpu_s']:8.1f} s  wall {row['wall_s']:8.1f} s  "
+              f"probe {row['accuracy']:.3f}", flush=True)
+        if not args.keep_checkpoints and row is not timeline[-1]:
+            ckpt.unlink()
+    curve = {"name": name, "modality": args.modality, "objective": args.objective, "steps": args.steps,
+             "seed": args.seed, "sets": args.set, "num_masks": int(cfg.get("masking", {}).get("num_masks") or 1),
+             "batch_size": cfg["batch_size"], "initial_accuracy": initial, "total_wall_s": round(total_wall, 1),
+             "machine": _machine(), **setup, "timeline": timeline}
+    (run / CURVE).write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _machine() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} cores, load {load[0]:.1f} at the end of the run, OMP_NUM_THREADS=1"
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def curve_points(curve: dict[str, Any], clock: str) -> list[Point]:
+    """(time, accuracy) from the initial weights (time 0) through every probed checkpoint; clock: cpu_s | wall_s."""
+    return [(0.0, curve["initial_accuracy"])] + [(r[clock], r["accuracy"]) for r in curve["timeline"]]
+
+
+def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | None = None) -> dict[str, Any]:
+    """One data2vec2 run against the modality's data2vec run."""
+    initial = base["initial_accuracy"]
+    final = base["timeline"][-1]["accuracy"]
+    target = final if gain_fraction is None else initial + gain_fraction * (final - initial)
+    row: dict[str, Any] = {"modality": base["modality"], "run": other["name"], "baseline": base["name"],
+                           "target_accuracy": round(target, 4), "initial_accuracy": initial}
+    for key, curve in (("data2vec", base), ("data2vec2", other)):
+        last = curve["timeline"][-1]
+        row[key] = {"steps": last["step"], "final_accuracy": last["accuracy"], "cpu_s": last["cpu_s"],
+                    "wall_s": last["wall_s"], "num_masks": curve["num_masks"], "sets": curve["sets"],
+                    "items_per_cpu_s": round(last["samples"] / last["cpu_s"], 2),
+                    "items_per_wall_s": round(last["samples"] / last["wall_s"], 2),
+                    "student_items_per_cpu_s": round(last["samples"] * curve["num_masks"] / last["cpu_s"], 2),
+                    "student_items_per_wall_s": round(last["samples"] * curve["num_masks"] / last["wall_s"], 2),
+                    "cpu_s_to_target": time_to_accuracy(curve_points(curve, "cpu_s"), target),
+                    "wall_s_to_target": time_to_accuracy(curve_points(curve, "wall_s"), target)}
+    row["speedup_cpu"] = ratio(row["data2vec"]["cpu_s_to_target"], row["data2vec2"]["cpu_s_to_target"])
+    row["speedup_wall"] = ratio(row["data2vec"]["wall_s_to_target"], row["data2vec2"]["wall_s_to_target"])
+    budget = base["timeline"][-1]["cpu_s"]
+    row["data2vec2_accuracy_at_data2vec_cpu"] = accuracy_at(curve_points(other, "cpu_s"), budget)
+    return row
+
+
+def report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "runs").glob(f"*/{CURVE}"))]
+    if not curves:
+        raise SystemExit(f"objective_speed: no {CURVE} under {out / 'runs'}; run `train` first")
+    rows = []
+    for modality in sorted({c["modality"] for c in curves}):
+        bases = [c for c in curves if c["modality"] == modality and c["objective"] == "data2vec"]
+        if not bases:
+            print(f"{modality}: no data2vec run to compare with", file=sys.stderr)
+            continue
+        base = next((c for c in bases if c["name"] == f"{modality}-data2vec"), bases[0])
+        for c in curves:
+            if c["modality"] == modality and c["objective"] != "data2vec":
+                rows.append(compare(base, c, args.target_gain_fraction))
+    (out / "objective_speed.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=2) + "\n",
+                                              encoding="utf-8")
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    lines = ["| modality | run | objective | updates | CPU s | wall s | items/CPU s (student) | items/wall s | "
+             "probe: initial -> final | target | CPU s to target | wall s to target | speed-up CPU / wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for key in ("data2vec", "data2vec2"):
+            s = r[key]
+            speed = (f"**{num(r['speedup_cpu'], '.2f')}x** / {num(r['speedup_wall'], '.2f')}x"
+                     if key == "data2vec2" else "")
+            lines.append(
+                f"| {r['modality']} | {r['run'] if key == 'data2vec2' else r['baseline']} | {key} | {s['steps']} | "
+                f"{s['cpu_s']:.0f} | {s['wall_s']:.0f} | "
+                f"{s['items_per_cpu_s']:.1f} ({s['student_items_per_cpu_s']:.1f}) | {s['items_per_wall_s']:.1f} | "
+                f"{r['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} | "
+                f"{r['target_accuracy']:.3f} | {num(s['cpu_s_to_target'], '.0f')} | "
+                f"{num(s['wall_s_to_target'], '.0f')} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="pretrain one objective, probing checkpoints along the way")
+    t.add_argument("--out", default="runs/objective")
+    t.add_argument("--modality", required=True, choices=["audio", "image", "text"])
+    t.add_argument("--objective", default="data2vec", help="d2v-train --objective (default data2vec)")
+    t.add_argument("--steps", type=int, required=True, help="updates in the run (its lr and EMA schedules)")
+    t.add_argument("--probe-at", required=True, help="comma-separated updates to checkpoint and probe (and --steps)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="d2v-train --set (repeatable)")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--name", help="run name (default MODALITY-OBJECTIVE; report pairs runs by modality)")
+    t.add_argument("--keep-checkpoints", action="store_true", help="keep every probed checkpoint (default: last)")
+    r = sub.add_parser("report", help="compare the runs under OUT: JSON and a markdown table")
+    r.add_argument("--out", default="runs/objective")
+    r.add_argument("--target-gain-fraction", type=float,
+                   help="target = initial + F x (data2vec final - initial) (default: data2vec's final accuracy)")
+    s = sub.add_parser("_segments")  # internal: the timed child process
+    s.add_argument("--run", required=True)
+    s.add_argument("--probe-at", required=True)
+    s.add_argument("train_args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command == "_segments":
+        if args.train_args[:1] == ["--"]:
+            args.train_args = args.train_args[1:]
+        return _segments(args)
+    return train(args) if args.command == "train" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

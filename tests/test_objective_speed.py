@@ -1,0 +1,91 @@
+"""bench/objective_speed.py's logic: time to a probe accuracy, accuracy at a time, the comparison and its report
+(synthetic curves; no training, no timing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import objective_speed as obj
+
+
+def test_time_to_accuracy_interpolates_the_first_crossing():
+    points = [(0.0, 0.5), (100.0, 0.6), (200.0, 0.8), (300.0, 0.7), (400.0, 0.9)]
+    assert obj.time_to_accuracy(points, 0.7) == pytest.approx(150.0)
+    assert obj.time_to_accuracy(points, 0.8) == pytest.approx(200.0)
+    assert obj.time_to_accuracy(points, 0.85) == pytest.approx(375.0)  # the dip at 300 does not count as reached
+    assert obj.time_to_accuracy(points, 0.4) == 0.0
+    assert obj.time_to_accuracy(points, 0.95) is None
+    assert obj.time_to_accuracy([], 0.5) is None
+
+
+def test_accuracy_at_interpolates_inside_the_measured_range_only():
+    points = [(0.0, 0.5), (100.0, 0.7), (100.0, 0.7), (300.0, 0.9)]
+    assert obj.accuracy_at(points, 50.0) == pytest.approx(0.6)
+    assert obj.accuracy_at(points, 200.0) == pytest.approx(0.8)
+    assert obj.accuracy_at(points, 300.0) == pytest.approx(0.9)
+    assert obj.accuracy_at(points, 301.0) is None
+    assert obj.accuracy_at(points, -1.0) is None
+
+
+def test_probe_steps_always_end_at_the_run_and_stay_inside_it():
+    assert obj._probe_steps("500,100,100", 1000) == [100, 500, 1000]
+    with pytest.raises(SystemExit, match="1..--steps"):
+        obj._probe_steps("0,100", 1000)
+    with pytest.raises(SystemExit, match="1..--steps"):
+        obj._probe_steps("2000", 1000)
+
+
+def _curve(name: str, objective: str, cpu: list[float], acc: list[float], num_masks: int = 1,
+           batch: int = 10) -> dict:
+    timeline = [{"step": 100 * (i + 1), "samples": batch * 100 * (i + 1), "cpu_s": c, "wall_s": 2 * c,
+                 "accuracy": a} for i, (c, a) in enumerate(zip(cpu, acc, strict=True))]
+    return {"name": name, "modality": "image", "objective": objective, "sets": [], "num_masks": num_masks,
+            "initial_accuracy": 0.5, "timeline": timeline}
+
+
+def test_compare_gives_the_speedup_to_data2vecs_final_accuracy():
+    base = _curve("image-data2vec", "data2vec", [100, 200, 300, 400], [0.6, 0.7, 0.75, 0.8])
+    fast = _curve("image-data2vec2", "data2vec2", [50, 100, 150], [0.7, 0.8, 0.85], num_masks=4)
+    row = obj.compare(base, fast)
+    assert row["target_accuracy"] == pytest.approx(0.8)
+    assert row["data2vec"]["cpu_s_to_target"] == pytest.approx(400)
+    assert row["data2vec2"]["cpu_s_to_target"] == pytest.approx(100)
+    assert row["speedup_cpu"] == pytest.approx(4.0)
+    assert row["speedup_wall"] == pytest.approx(4.0)
+    assert row["data2vec2"]["items_per_cpu_s"] == pytest.approx(3000 / 150)
+    assert row["data2vec2"]["student_items_per_cpu_s"] == pytest.approx(4 * 3000 / 150)
+    assert row["data2vec2_accuracy_at_data2vec_cpu"] is None  # data2vec2 stopped before data2vec's budget
+    half = obj.compare(base, fast, gain_fraction=0.5)  # target 0.5 + 0.5 x 0.3 = 0.65
+    assert half["data2vec"]["cpu_s_to_target"] == pytest.approx(150)
+    assert half["data2vec2"]["cpu_s_to_target"] == pytest.approx(37.5)
+
+
+def test_compare_when_data2vec2_never_reaches_the_target():
+    base = _curve("text-data2vec", "data2vec", [100, 200], [0.55, 0.6])
+    slow = _curve("text-data2vec2", "data2vec2", [100, 200, 300], [0.52, 0.54, 0.58])
+    row = obj.compare(base, slow)
+    assert row["data2vec2"]["cpu_s_to_target"] is None and row["speedup_cpu"] is None
+    assert row["data2vec2_accuracy_at_data2vec_cpu"] == pytest.approx(0.54)
+    assert "—" in obj.table([row])
+
+
+def test_report_pairs_runs_by_modality(tmp_path, capsys):
+    for curve in (_curve("image-data2vec", "data2vec", [100, 200], [0.6, 0.8]),
+                  _curve("image-data2vec2", "data2vec2", [50, 100], [0.8, 0.9]),
+                  _curve("image-lr", "data2vec2", [50, 100], [0.7, 0.75])):
+        run = tmp_path / "runs" / curve["name"]
+        run.mkdir(parents=True)
+        (run / obj.CURVE).write_text(json.dumps(curve))
+    assert obj.main(["report", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "objective_speed.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["image-data2vec2", "image-lr"]
+    assert rows[0]["speedup_cpu"] == pytest.approx(4.0)
+    assert rows[1]["speedup_cpu"] is None
+    assert "image-data2vec2" in capsys.readouterr().out
+
+
+def test_report_without_runs_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no curve.json"):
+        obj.main(["report", "--out", str(tmp_path)])
