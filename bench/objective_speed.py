@@ -240,7 +240,35 @@ def report(args: argparse.Namespace) -> int:
     (out / "objective_speed.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=2) + "\n",
                                               encoding="utf-8")
     print(table(rows))
+    for modality in sorted({c["modality"] for c in curves}):
+        print(f"plot: {plot(curves, modality, rows, out / f'{modality}-objective.png')}")
     return 0
+
+
+def plot(curves: list[dict[str, Any]], modality: str, rows: list[dict[str, Any]], png: Path) -> Path:
+    """Probe accuracy against training CPU seconds, one line per run of the modality, the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for c in curves:
+        if c["modality"] == modality:
+            t, a = zip(*curve_points(c, "cpu_s"), strict=True)
+            ax.plot(t, a, marker="o", markersize=3, linewidth=1.2 if c["objective"] == "data2vec" else 1,
+                    label=f"{c['name']} ({c['objective']})")
+    targets = {r["target_accuracy"] for r in rows if r["modality"] == modality}
+    for target in targets:
+        ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
+    ax.set_xlabel("training CPU seconds (one thread)")
+    ax.set_ylabel("probe accuracy (last layer)")
+    ax.set_title(f"{modality}: d2v-eval probe vs training compute", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -84,6 +84,7 @@ def test_report_pairs_runs_by_modality(tmp_path, capsys):
     assert rows[0]["speedup_cpu"] == pytest.approx(4.0)
     assert rows[1]["speedup_cpu"] is None
     assert "image-data2vec2" in capsys.readouterr().out
+    assert (tmp_path / "image-objective.png").stat().st_size > 0
 
 
 def test_report_without_runs_is_a_one_line_error(tmp_path):
