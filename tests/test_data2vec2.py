@@ -254,6 +254,18 @@ def test_gradients_reach_student_and_decoder_and_the_mask_embedding_is_frozen():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.head.parameters())
 
 
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_bf16_autocast_trains_and_the_teacher_stays_fp32(modality):
+    obj = make_objective(modality, num_masks=2).train()
+    batch = make_batch(modality, defaults(modality, "data2vec2")["masking"], 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in obj.teacher.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in obj.head.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ d2v-train
 
 
@@ -272,7 +284,8 @@ def v2_args(modality: str, data: dict[str, Path], out: Path, steps: int, *extra:
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_loss_falls_for_each_modality(tmp_path, data, modality):
     out = tmp_path / "run"
-    extra = {"audio": ["--set", "data.pad_audio=true", "--lr", "2e-3"], "image": ["--lr", "2e-3"],
+    extra = {"audio": ["--set", "data.pad_audio=true", "--lr", "2e-3", "--set", "masking.num_masks=2"],
+             "image": ["--lr", "2e-3"],
              "text": ["--lr", "2e-3", "--set", "ema_decay=0.999"]}[modality]
     assert main(v2_args(modality, data, out, 60, "--save-every", "60", *extra)) == 0
     rows = read_metrics(out)
@@ -324,6 +337,12 @@ def test_objective_in_config_and_errors(tmp_path, data, capsys):
     assert main(v2_args("text", data, out, 2)) == 0
     assert main(["--out", str(out), "--resume", "--objective", "data2vec", "--steps", "3", "--no-progress"]) == 2
     assert "cannot change in a resumed run" in capsys.readouterr().err
+
+
+def test_collapse_guard_fires(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert main(v2_args("text", data, out, 3, "--set", "guard.after=1", "--set", "guard.min_pred_var=100")) == 3
+    assert "collapse guard: pred_var" in capsys.readouterr().err
 
 
 def test_export_and_eval_see_the_encoder_alone(tmp_path, data):

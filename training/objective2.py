@@ -51,16 +51,21 @@ class ConvDecoder(nn.Module):
         self.proj = regression_head(spec.dim, spec.head_layers, out_dim=hidden)
 
     def features(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """[N, T, D] -> [N, T, dim] (images: T a square number of patches in row-major order)."""
+        """[N, T, D] -> [N, T, dim] (images: T a square number of patches in row-major order). Activations stay in
+        this token layout; the convs read it channels-last, so LayerNorm and the residual never copy."""
         n, t, _ = x.shape
-        keep = None if valid is None else valid.unsqueeze(1).to(x.dtype)  # [N, 1, T]
-        h = x.transpose(1, 2)
+        keep = None if valid is None else valid.unsqueeze(-1).to(x.dtype)
+        side = int(round(t ** 0.5))
+        h = x
         for conv in self.convs:
             inp = h if keep is None else h * keep
-            y = conv(inp.unflatten(2, (int(t ** 0.5),) * 2) if self.spatial else inp).flatten(2)
-            y = F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2]).transpose(1, 2))
+            if self.spatial:
+                y = conv(inp.view(n, side, side, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, t, -1)
+            else:
+                y = conv(inp.transpose(1, 2)).transpose(1, 2)
+            y = F.gelu(F.layer_norm(y, y.shape[-1:]))
             h = y + h if self.residual and y.shape == h.shape else y
-        return h.transpose(1, 2)
+        return h
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         return self.proj(self.features(x, valid))
