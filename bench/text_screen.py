@@ -1,0 +1,294 @@
+"""Screen text pretraining recipes with the docs/quality.md protocol: one change at a time, the probe as judge.
+
+    .venv/bin/python bench/text_screen.py --out runs/text-screen                    # every candidate (hours here)
+    .venv/bin/python bench/text_screen.py --out runs/text-screen defaults d2v2      # some of them
+    .venv/bin/python bench/text_screen.py --out runs/text-screen man-defaults man-d2v2           # the man-page corpus
+    .venv/bin/python bench/text_screen.py --out runs/text-screen --plot-only        # redraw OUT/screen.png
+
+Each candidate is `d2v-train --preset tiny --seed 1` on the unlabelled train split of bench/quality.py's topic corpus
+(the same 6000 + 1200 documents as docs/quality.md's text row) with the modality defaults plus the candidate's change,
+then `d2v-eval --baseline` on the held-out split. The training process runs with one thread; its CPU time (user +
+system, from the OS) is recorded beside the wall time, because this machine is shared and wall time says little.
+Results are appended to OUT/results.jsonl, one JSON line per run, and drawn to OUT/screen.png.
+
+Two candidates are diagnostics, not data2vec recipes, run through this script's `--train-variant` entry point:
+- `mlm-*`: masked language modelling (cross-entropy over the tied token embeddings) on the same model, masks and
+  data: does a known-good objective find the topics in this budget?
+- `bn-fast-ema`: each target layer normalised per channel over all the batch's tokens (unlike the instance norm,
+  it keeps what is constant within a document, e.g. its topic, and it forbids a collapse), with a fast EMA.
+The `man-*` candidates swap the topic corpus for a natural-language one built from the Debian `manpages` and
+`manpages-dev` packages: DESCRIPTION paragraphs labelled by manual section (system calls, library functions, devices
+and file formats, overviews); it is read from the installed man pages, never downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+STEPS = 1000
+D2V2 = ["--objective", "data2vec2"]
+# name -> (extra d2v-train arguments, training variant or None, updates)
+CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
+    "defaults": ([], None, STEPS),
+    "span8-p50": (["--set", "masking.mask_prob=0.5", "--set", "masking.mask_span=8"], None, STEPS),
+    "top1-layer": (["--set", "model.target_layers=1"], None, STEPS),
+    "block-final-ln": (["--set", "model.target_source=block", "--set", "model.target_final_norm=true"], None, STEPS),
+    "l2-loss": (["--set", "loss_beta=0"], None, STEPS),
+    "warmup-10pct": (["--set", "warmup_frac=0.1"], None, STEPS),
+    "wd-0.1": (["--set", "weight_decay=0.1"], None, STEPS),
+    "emb-lr-x5": ([], "emb_lr", STEPS),
+    "bn-fast-ema": (["--set", "ema_decay=0.99", "--set", "ema_end_decay=0.999", "--set", "ema_anneal_steps=1000"],
+                    "bn", STEPS),
+    "mlm-lr2e-4": ([], "mlm", STEPS),
+    "mlm-lr1e-3-3000": (["--lr", "1e-3"], "mlm", 3000),
+    "d2v2": (D2V2, None, STEPS),
+    "d2v2-layer-norm": (D2V2 + ["--set", "model.target_norm=layer"], None, STEPS),
+    "d2v2-ema-0.999": (D2V2 + ["--set", "ema_decay=0.999", "--set", "ema_end_decay=0.999"], None, STEPS),
+    "d2v2-decoder-1x3": (D2V2 + ["--set", "decoder.layers=1", "--set", "decoder.kernel=3"], None, STEPS),
+    "d2v2-masks-16": (D2V2 + ["--set", "masking.num_masks=16"], None, STEPS),
+    "d2v2-mask-0.8": (D2V2 + ["--set", "masking.mask_prob=0.8"], None, STEPS),
+    "man-defaults": ([], None, STEPS),
+    "man-d2v2": (D2V2, None, STEPS),
+    "man-mlm-lr1e-3": (["--lr", "1e-3"], "mlm", STEPS),
+}
+
+# ---------------------------------------------------------------------------------------------------- corpora
+
+MAN_LABELS = {"2": "syscall", "3": "library", "4": "files", "5": "files", "7": "overview"}
+ROFF_FONT = re.compile(r"\\f[BIRP]|\\f\(..|\\f\[[A-Z]*\]")
+ROFF_ESCAPE = re.compile(r"\\\(..|\\\*\(..|\\\*.|\\&|\\ |\\%|\\c")
+ROFF_BREAK = (".PP", ".P ", ".LP", ".TP", ".IP", ".SS", ".in", ".RS", ".RE", ".nf", ".fi", ".EX", ".EE")
+ROFF_TEXT = (".B", ".I", ".BR", ".IR", ".RB", ".RI", ".BI", ".IB")
+
+
+def man_paragraphs(source: str) -> list[str]:
+    """The DESCRIPTION section of a man page's roff source as plain-text paragraphs."""
+    out: list[str] = []
+    cur: list[str] = []
+    inside = False
+    for raw in source.splitlines():
+        if raw.startswith(".SH"):
+            out.append(" ".join(cur))
+            cur, inside = [], "DESCRIPTION" in raw.upper()
+        elif not inside or raw.startswith('.\\"'):
+            continue
+        elif raw == ".P" or raw.startswith(ROFF_BREAK) or not raw.strip():
+            out.append(" ".join(cur))
+            cur = []
+        else:
+            if raw.startswith("."):
+                macro, *rest = raw.split(None, 1)
+                raw = rest[0].replace('"', "") if rest and macro in ROFF_TEXT else ""
+            text = ROFF_FONT.sub("", raw).replace("\\-", "-").replace("\\(aq", "'").replace("\\(dq", '"')
+            text = text.replace("\\e", "\\")
+            if text := ROFF_ESCAPE.sub(" ", text).strip():
+                cur.append(text)
+    out.append(" ".join(cur))
+    return [" ".join(p.split()) for p in out if p.strip()]
+
+
+def build_man(out: Path, per_class: int = 240, min_words: int = 12, max_words: int = 64,
+              seed: int = 0) -> tuple[Path, Path]:
+    """train.txt (paragraphs of 3/4 of the pages) and eval.jsonl (per_class paragraphs of each section from the
+    other pages: a page's paragraphs never appear on both sides)."""
+    listed = subprocess.run(["dpkg", "-L", "manpages", "manpages-dev"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        sys.exit("text_screen: the man-* candidates need the Debian packages: apt-get install manpages manpages-dev")
+    pages: dict[str, tuple[str, list[str]]] = {}
+    for name in listed.stdout.split():
+        path, section = Path(name), re.search(r"/man([0-9])/", name)
+        if not section or section.group(1) not in MAN_LABELS or path.is_symlink() or path.suffix != ".gz":
+            continue
+        with gzip.open(path, "rt", errors="replace") as f:
+            source = f.read()
+        if source.startswith(".so"):  # a redirect to another page
+            continue
+        paras = [" ".join(p.split()[:max_words]) for p in man_paragraphs(source) if len(p.split()) >= min_words]
+        if paras:
+            pages[path.name] = (MAN_LABELS[section.group(1)], paras)
+    rng = random.Random(seed)
+    names = sorted(pages)
+    rng.shuffle(names)
+    held = set(names[: len(names) // 4])
+    out.mkdir(parents=True, exist_ok=True)
+    train = out / "train.txt"
+    train.write_text("".join(p + "\n" for n in names if n not in held for p in pages[n][1]), encoding="utf-8")
+    by_label: dict[str, list[str]] = {}
+    for n in names:
+        if n not in held:
+            continue
+        by_label.setdefault(pages[n][0], []).extend(pages[n][1])
+    rows = []
+    for label, paras in sorted(by_label.items()):
+        rng.shuffle(paras)
+        rows += [{"text": p, "label": label} for p in paras[:per_class]]
+    labelled = out / "eval.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return train, labelled
+
+
+def corpus(out: Path, name: str) -> tuple[Path, Path]:
+    data = out / "data" / name
+    if not (data / "eval.jsonl").exists():
+        if name == "man":
+            build_man(data)
+        else:
+            from quality import build_text
+
+            build_text(data)
+    return data / "train.txt", data / "eval.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+
+
+def train_variant(variant: str, argv: list[str]) -> int:
+    """d2v-train with one diagnostic change (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from d2v.training import cli, objective, targets, trainer
+
+    if variant == "mlm":
+        def mlm_forward(self, inputs, mask, student_inputs=None):  # noqa: ANN001, ANN202
+            x, valid = self.student.embed(**student_inputs)
+            h = self.student.encode(x, valid).last_hidden_state[mask]
+            logits = self.head(h).float() @ self.student.token_embed.weight.float().T
+            loss = F.cross_entropy(logits, inputs["input_ids"][mask])
+            spread = objective.spread(h.detach())
+            return objective.StepOutput(loss, {"target_var": spread, "pred_var": spread, "masked": mask.sum()})
+
+        objective.Data2Vec.forward = mlm_forward
+    elif variant == "bn":
+        layer_norm = targets.normalize_layer
+
+        def batch_norm(x, valid_mask, kind):  # noqa: ANN001, ANN202
+            if kind != "layer":
+                return layer_norm(x, valid_mask, kind)
+            w = torch.ones_like(x[..., :1]) if valid_mask is None else valid_mask.unsqueeze(-1).to(x.dtype)
+            n = w.sum().clamp_min(1.0)
+            mean = (x * w).sum((0, 1), keepdim=True) / n
+            var = (((x - mean) * w) ** 2).sum((0, 1), keepdim=True) / n
+            return (x - mean) / torch.sqrt(var + targets.EPS) * w
+
+        targets.normalize_layer = batch_norm
+    elif variant == "emb_lr":  # the token embeddings at 5x the scheduled lr
+        build_optimizer = trainer.Trainer._optimizer
+
+        def optimizer(self):  # noqa: ANN001, ANN202
+            opt = build_optimizer(self)
+            emb = self.objective.student.token_embed.weight
+            group = next(g for g in opt.param_groups if any(p is emb for p in g["params"]))
+            group["params"] = [p for p in group["params"] if p is not emb]
+            opt.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": [emb],
+                                 "lr_mult": 5.0})
+            step = opt.step
+
+            def scaled_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                for g in opt.param_groups:
+                    g["lr"] *= g.get("lr_mult", 1.0)
+                return step(*args, **kwargs)
+
+            opt.step = scaled_step
+            return opt
+
+        trainer.Trainer._optimizer = optimizer
+    else:
+        sys.exit(f"text_screen: unknown training variant {variant!r}")
+    return cli.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+def run(name: str, out: Path, seed: int, steps: int | None = None) -> dict:
+    from d2v.training.evaluate import evaluate
+
+    extra, variant, default_steps = CANDIDATES[name]
+    steps = steps or default_steps
+    train, labelled = corpus(out, "man" if name.startswith("man-") else "topics")
+    run_dir = out / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    entry = [__file__, "--train-variant", variant, "--"] if variant else ["-m", "d2v.training.cli"]
+    cmd = [sys.executable, *entry, "--modality", "text", "--data", str(train), "--preset", "tiny", "--steps",
+           str(steps), "--seed", str(seed), "--out", str(run_dir), "--log-every", "10", "--no-progress",
+           "--set", "data.num_workers=0", *extra]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [m for m in logged if "loss" in m][-1]
+    report = evaluate(run_dir / "ckpt.pt", labelled, baseline="auto")
+    acc = {k: {r: round(p["accuracy"], 3) for r, p in v.items()} for k, v in report["models"].items()}
+    result = {"name": name, "steps": steps, "change": " ".join(extra) + (f" [{variant}]" if variant else ""),
+              "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "loss": round(last["loss"], 3),
+              "target_var": round(last["target_var"], 3), "pretrained": acc["pretrained"], "initial": acc["initial"]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(results) + 1.2))
+    names = [r["name"] for r in results]
+    gains = [100 * (r["pretrained"]["last"] - r["initial"]["last"]) for r in results]
+    ax.barh(names, gains, color=["tab:green" if g >= 10 else "tab:red" for g in gains])
+    ax.axvline(10, color="k", linestyle="--", linewidth=1, label="target: +10 points")
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("probe gain over the initial weights (points, mean-pooled last layer)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--train-variant":
+        return train_variant(sys.argv[2], sys.argv[4:] if sys.argv[3] == "--" else sys.argv[3:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("candidates", nargs="*", help=f"default: all of {', '.join(CANDIDATES)}")
+    p.add_argument("--out", default="runs/text-screen")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, help="override every candidate's update count (a quick check)")
+    p.add_argument("--plot-only", action="store_true", help="redraw OUT/screen.png from OUT/results.jsonl")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    if not args.plot_only:
+        unknown = [c for c in args.candidates if c not in CANDIDATES]
+        if unknown:
+            p.error(f"unknown candidates: {', '.join(unknown)}")
+        for name in args.candidates or list(CANDIDATES):
+            with log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(run(name, out, args.seed, args.steps)) + "\n")
+    if log.exists():
+        latest = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())}
+        plot(list(latest.values()), out / "screen.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

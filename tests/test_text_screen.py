@@ -1,0 +1,48 @@
+"""bench/text_screen.py's pieces that need no training: the man-page paragraph reader, the candidates' config keys,
+the bar chart."""
+
+from __future__ import annotations
+
+from bench import text_screen
+from d2v.training.defaults import defaults, set_path
+
+PAGE = r""".\" Copyright line, never text
+.TH read 2 2022-12-04 "Linux man-pages"
+.SH NAME
+read \- read from a file descriptor
+.SH DESCRIPTION
+.BR read ()
+attempts to read up to
+.I count
+bytes from file descriptor \fIfd\fP.
+.PP
+On files that support seeking,
+the read operation commences at the file offset.
+.SH RETURN VALUE
+On success, the number of bytes read is returned.
+"""
+
+
+def test_man_paragraphs_keep_the_description_as_plain_text():
+    assert text_screen.man_paragraphs(PAGE) == [
+        "read () attempts to read up to count bytes from file descriptor fd.",
+        "On files that support seeking, the read operation commences at the file offset.",
+    ]
+
+
+def test_every_candidate_names_known_config_keys():
+    for name, (extra, variant, steps) in text_screen.CANDIDATES.items():
+        objective = extra[extra.index("--objective") + 1] if "--objective" in extra else "data2vec"
+        cfg = defaults("text", objective)
+        for flag, value in zip(extra, extra[1:], strict=False):
+            if flag == "--set":
+                set_path(cfg, value)  # raises ConfigError on an unknown key or a wrong type
+        assert variant in (None, "mlm", "bn", "emb_lr"), name
+        assert steps > 0
+
+
+def test_plot_draws_one_bar_per_result(tmp_path):
+    results = [{"name": "defaults", "pretrained": {"last": 0.45}, "initial": {"last": 0.47}},
+               {"name": "better", "pretrained": {"last": 0.60}, "initial": {"last": 0.47}}]
+    text_screen.plot(results, tmp_path / "screen.png")
+    assert (tmp_path / "screen.png").stat().st_size > 1000
