@@ -5,6 +5,7 @@
     .venv/bin/python bench/objective_speed.py train --out runs/objective --modality image --objective data2vec2 \\
         --steps 600 --probe-at 100,200,300,400,600 [--set masking.num_masks=8 ...] [--name image-d2v2-lr1e-3]
     .venv/bin/python bench/objective_speed.py report --out runs/objective      # OUT/objective_speed.json + table
+    .venv/bin/python bench/objective_speed.py probe --out runs/objective --name image-data2vec2   # a stopped run
 
 `train` builds the modality's labelled set once (bench/quality.py's builders: the train split is the unlabelled
 pretraining data, the held-out split is what the probe sees), then pretrains `tiny` in a child process with
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 TIMELINE = "timeline.jsonl"  # one line per saved checkpoint: step, samples, cpu_s, wall_s
 CURVE = "curve.json"  # the run's config, timeline and probe accuracy per checkpoint
+RUN = "run.json"  # what `train` was asked: name, modality, objective, steps, seed, sets
 REPRESENTATION = "last"  # the probe every modality has (audio has no pooled target space)
 
 Point = tuple[float, float]  # (time in seconds, probe accuracy)
@@ -147,7 +149,7 @@ def train(args: argparse.Namespace) -> int:
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    train_path, labelled = _dataset(out, args.modality)
+    train_path, _ = _dataset(out, args.modality)
     train_args = ["--modality", args.modality, "--data", str(train_path), "--preset", "tiny", "--steps",
                   str(args.steps), "--out", str(run), "--seed", str(args.seed), "--log-every", "10", "--no-progress",
                   "--save-every", str(10 ** 9)]
@@ -156,15 +158,26 @@ def train(args: argparse.Namespace) -> int:
     for s in args.set:
         train_args += ["--set", s]
     print("$ d2v-train " + " ".join(train_args), flush=True)
+    (run / RUN).write_text(json.dumps({"name": name, "modality": args.modality, "objective": args.objective,
+                                       "steps": args.steps, "seed": args.seed, "sets": args.set}), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "_segments", "--run", str(run), "--probe-at", args.probe_at, "--", *train_args]
-    start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    total_wall = time.perf_counter() - start
+    return probe_run(out, run, args.keep_checkpoints)
+
+
+def probe_run(out: Path, run: Path, keep_checkpoints: bool = False) -> int:
+    """Probe every checkpoint a run's timeline lists and write its curve.json (also for a run stopped early: then
+    the curve holds the checkpoints it reached, marked partial)."""
+    meta = json.loads((run / RUN).read_text(encoding="utf-8"))
+    _, labelled = _dataset(out, meta["modality"])
     lines = [json.loads(line) for line in (run / TIMELINE).read_text(encoding="utf-8").splitlines()]
-    setup, timeline = lines[0], lines[1:]
+    setup = lines[0]
+    timeline = [r for r in lines[1:] if (run / f"ckpt-{r['step']:06d}.pt").exists()]
+    if not timeline:
+        raise SystemExit(f"objective_speed: {run} has no probed-step checkpoint yet")
     cfg = setup.pop("config")
-    initial_cache = out / "data" / f"{args.modality}-initial-seed{args.seed}.json"
+    initial_cache = out / "data" / f"{meta['modality']}-initial-seed{meta['seed']}.json"
     if initial_cache.exists():
         initial = json.loads(initial_cache.read_text(encoding="utf-8"))["accuracy"]
     else:
@@ -173,14 +186,13 @@ def train(args: argparse.Namespace) -> int:
     for row in timeline:
         ckpt = run / f"ckpt-{row['step']:06d}.pt"
         row["accuracy"] = _probe(ckpt, labelled)
-        print(f"{name}: step {row['step']:>5}  cpu {row['cpu_s']:8.1f} s  wall {row['wall_s']:8.1f} s  "
+        print(f"{meta['name']}: step {row['step']:>5}  cpu {row['cpu_s']:8.1f} s  wall {row['wall_s']:8.1f} s  "
               f"probe {row['accuracy']:.3f}", flush=True)
-        if not args.keep_checkpoints and row is not timeline[-1]:
+        if not keep_checkpoints and row is not timeline[-1]:
             ckpt.unlink()
-    curve = {"name": name, "modality": args.modality, "objective": args.objective, "steps": args.steps,
-             "seed": args.seed, "sets": args.set, "num_masks": int(cfg.get("masking", {}).get("num_masks") or 1),
-             "batch_size": cfg["batch_size"], "initial_accuracy": initial, "total_wall_s": round(total_wall, 1),
-             "machine": _machine(), **setup, "timeline": timeline}
+    curve = {**meta, "num_masks": int(cfg.get("masking", {}).get("num_masks") or 1),
+             "batch_size": cfg["batch_size"], "initial_accuracy": initial,
+             "partial": timeline[-1]["step"] < meta["steps"], "machine": _machine(), **setup, "timeline": timeline}
     (run / CURVE).write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -207,7 +219,8 @@ def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | 
                            "target_accuracy": round(target, 4), "initial_accuracy": initial}
     for key, curve in (("data2vec", base), ("data2vec2", other)):
         last = curve["timeline"][-1]
-        row[key] = {"steps": last["step"], "final_accuracy": last["accuracy"], "cpu_s": last["cpu_s"],
+        row[key] = {"steps": last["step"], "run_steps": curve.get("steps", last["step"]),
+                    "final_accuracy": last["accuracy"], "cpu_s": last["cpu_s"],
                     "wall_s": last["wall_s"], "num_masks": curve["num_masks"], "sets": curve["sets"],
                     "items_per_cpu_s": round(last["samples"] / last["cpu_s"], 2),
                     "items_per_wall_s": round(last["samples"] / last["wall_s"], 2),
@@ -284,13 +297,18 @@ def table(rows: list[dict[str, Any]]) -> str:
             speed = (f"**{num(r['speedup_cpu'], '.2f')}x** / {num(r['speedup_wall'], '.2f')}x"
                      if key == "data2vec2" else "")
             lines.append(
-                f"| {r['modality']} | {r['run'] if key == 'data2vec2' else r['baseline']} | {key} | {s['steps']} | "
+                f"| {r['modality']} | {r['run'] if key == 'data2vec2' else r['baseline']} | {key} | {_updates(s)} | "
                 f"{s['cpu_s']:.0f} | {s['wall_s']:.0f} | "
                 f"{s['items_per_cpu_s']:.1f} ({s['student_items_per_cpu_s']:.1f}) | {s['items_per_wall_s']:.1f} | "
                 f"{r['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} | "
                 f"{r['target_accuracy']:.3f} | {num(s['cpu_s_to_target'], '.0f')} | "
                 f"{num(s['wall_s_to_target'], '.0f')} | {speed} |")
     return "\n".join(lines)
+
+
+def _updates(s: dict[str, Any]) -> str:
+    """Updates reached; a run stopped before its schedule's end shows both, e.g. 400 of 600."""
+    return str(s["steps"]) if s["steps"] >= s["run_steps"] else f"{s['steps']} of {s['run_steps']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="runs/objective")
     r.add_argument("--target-gain-fraction", type=float,
                    help="target = initial + F x (data2vec final - initial) (default: data2vec's final accuracy)")
+    f = sub.add_parser("probe", help="probe the checkpoints a stopped `train` run reached and write its curve")
+    f.add_argument("--out", default="runs/objective")
+    f.add_argument("--name", required=True, help="the run's name (a folder under OUT/runs)")
+    f.add_argument("--keep-checkpoints", action="store_true")
     s = sub.add_parser("_segments")  # internal: the timed child process
     s.add_argument("--run", required=True)
     s.add_argument("--probe-at", required=True)
@@ -319,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_args[:1] == ["--"]:
             args.train_args = args.train_args[1:]
         return _segments(args)
+    if args.command == "probe":
+        return probe_run(Path(args.out), Path(args.out) / "runs" / args.name, args.keep_checkpoints)
     return train(args) if args.command == "train" else report(args)
 
 

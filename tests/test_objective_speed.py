@@ -69,6 +69,8 @@ def test_compare_when_data2vec2_never_reaches_the_target():
     assert row["data2vec2"]["cpu_s_to_target"] is None and row["speedup_cpu"] is None
     assert row["data2vec2_accuracy_at_data2vec_cpu"] == pytest.approx(0.54)
     assert "—" in obj.table([row])
+    slow["steps"] = 500  # stopped at 300 of a 500-update schedule
+    assert "| 300 of 500 |" in obj.table([obj.compare(base, slow)])
 
 
 def test_report_pairs_runs_by_modality(tmp_path, capsys):
