@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 TIMELINE = "timeline.jsonl"  # one line per saved checkpoint: step, samples, cpu_s, wall_s
 CURVE = "curve.json"  # the run's config, timeline and probe accuracy per checkpoint
+PROBES = "probes.json"  # probe accuracy per probed step, so that a second `probe` of a run skips the done ones
 RUN = "run.json"  # what `train` was asked: name, modality, objective, steps, seed, sets
 REPRESENTATION = "last"  # the probe every modality has (audio has no pooled target space)
 
@@ -183,16 +184,22 @@ def probe_run(out: Path, run: Path, keep_checkpoints: bool = False) -> int:
     else:
         initial = _probe(run / f"ckpt-{timeline[0]['step']:06d}.pt", labelled, initial=True)
         initial_cache.write_text(json.dumps({"accuracy": initial}), encoding="utf-8")
+    partial = timeline[-1]["step"] < meta["steps"]
+    cache_path = run / PROBES
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}
     for row in timeline:
         ckpt = run / f"ckpt-{row['step']:06d}.pt"
-        row["accuracy"] = _probe(ckpt, labelled)
+        if str(row["step"]) not in cache:  # a checkpoint copied at a step never changes: probe it once
+            cache[str(row["step"])] = _probe(ckpt, labelled)
+            cache_path.write_text(json.dumps(cache), encoding="utf-8")
+        row["accuracy"] = cache[str(row["step"])]
         print(f"{meta['name']}: step {row['step']:>5}  cpu {row['cpu_s']:8.1f} s  wall {row['wall_s']:8.1f} s  "
               f"probe {row['accuracy']:.3f}", flush=True)
-        if not keep_checkpoints and row is not timeline[-1]:
+        if not keep_checkpoints and row is not timeline[-1] and not partial:
             ckpt.unlink()
     curve = {**meta, "num_masks": int(cfg.get("masking", {}).get("num_masks") or 1),
              "batch_size": cfg["batch_size"], "initial_accuracy": initial,
-             "partial": timeline[-1]["step"] < meta["steps"], "machine": _machine(), **setup, "timeline": timeline}
+             "partial": partial, "machine": _machine(), **setup, "timeline": timeline}
     (run / CURVE).write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
     return 0
 
