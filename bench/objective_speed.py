@@ -239,6 +239,8 @@ def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | 
     row["speedup_wall"] = ratio(row["data2vec"]["wall_s_to_target"], row["data2vec2"]["wall_s_to_target"])
     budget = base["timeline"][-1]["cpu_s"]
     row["data2vec2_accuracy_at_data2vec_cpu"] = accuracy_at(curve_points(other, "cpu_s"), budget)
+    row["data2vec_accuracy_at_data2vec2_cpu"] = accuracy_at(curve_points(base, "cpu_s"),
+                                                            other["timeline"][-1]["cpu_s"])
     return row
 
 

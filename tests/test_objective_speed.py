@@ -57,6 +57,7 @@ def test_compare_gives_the_speedup_to_data2vecs_final_accuracy():
     assert row["data2vec2"]["items_per_cpu_s"] == pytest.approx(3000 / 150)
     assert row["data2vec2"]["student_items_per_cpu_s"] == pytest.approx(4 * 3000 / 150)
     assert row["data2vec2_accuracy_at_data2vec_cpu"] is None  # data2vec2 stopped before data2vec's budget
+    assert row["data2vec_accuracy_at_data2vec2_cpu"] == pytest.approx(0.65)  # data2vec at 150 CPU s
     half = obj.compare(base, fast, gain_fraction=0.5)  # target 0.5 + 0.5 x 0.3 = 0.65
     assert half["data2vec"]["cpu_s_to_target"] == pytest.approx(150)
     assert half["data2vec2"]["cpu_s_to_target"] == pytest.approx(37.5)
