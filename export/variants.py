@@ -54,34 +54,125 @@ def initializer_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic quantization of MatMul with constant weights only (int8 weights, uint8 activations per tensor), the
-    packed QKV projection of each fused Attention included. Quantizing the audio conv front end as well
+    """Dynamic quantization (int8 weights, uint8 activations per tensor) of every MatMul with a constant weight and
+    of each fused Attention: one whose additive bias is only the padding mask takes that mask as its key mask and
+    becomes onnxruntime's QAttention (int8 QKV GEMM written straight into per-head layout, then the attention core);
+    one with more in its bias (the image's relative position bias), which QAttention has no input for, is unpacked
+    into its QKV MatMul (quantized) + Split + MultiHeadAttention. Quantizing the audio conv front end as well
     (ConvInteger) ran ~2x slower than fp32 on CPU."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = unpack_attention(model)
+    model = unpack_attention(attention_with_key_mask(model))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
     with tempfile.TemporaryDirectory(prefix="d2v-export-") as tmp:
         out = Path(tmp) / "int8.onnx"
         try:
-            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
-                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "Attention"], per_channel=False,
+                             reduce_range=False, weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)
         return onnx.load(out)
 
 
+def attention_with_key_mask(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each fused Attention whose additive attention bias is only a padding mask, i.e.
+    Expand(Unsqueeze(Where(keep, 0, lowest) -> [B, 1, 1, T])), takes the [B, T] keep mask as its `mask_index` (int32,
+    1 = attend) instead, and loses the `qkv_hidden_sizes` attribute where the three parts are equal (the form
+    onnxruntime's quantizer turns into QAttention). Attention nodes with any other bias are left as they are."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    masks: dict[str, str] = {}  # keep-mask tensor -> its int32 cast
+    casts = []
+    for node in graph.node:
+        if node.op_type != "Attention" or node.domain != MS_DOMAIN or len(node.input) < 6:
+            continue
+        if any(node.input[3:5]) or any(node.input[6:]):
+            continue
+        keep = _padding_keep_mask(node.input[5], producer, constants)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if keep is None or len(set(attrs.get("qkv_hidden_sizes", [0]))) != 1:
+            continue
+        if keep not in masks:
+            masks[keep] = f"{keep}_mask_index"
+            casts.append(onnx.helper.make_node("Cast", [keep], [masks[keep]], name=f"{keep}_to_mask_index",
+                                               to=TensorProto.INT32))
+        node.input[3] = masks[keep]
+        del node.input[4:]
+        kept = [a for a in node.attribute if a.name != "qkv_hidden_sizes"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    if casts:
+        first = min(i for i, node in enumerate(graph.node) if node.op_type == "Attention")
+        for cast in reversed(casts):
+            graph.node.insert(first, cast)
+        _drop_unused_nodes(graph)
+    return model
+
+
+def _padding_keep_mask(bias: str, producer: dict[str, onnx.NodeProto], constants: dict[str, np.ndarray]
+                       ) -> str | None:
+    """The [B, T] boolean keep mask an attention bias is built from, when the bias is nothing else:
+    Expand(Unsqueeze(Where(cond, a, b), axes [1, 2]), shape) with one of a, b zero and the other <= -1e4."""
+    expand = producer.get(bias)
+    unsqueeze = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) < 2:
+        return None
+    axes = constants.get(unsqueeze.input[1])
+    where = producer.get(unsqueeze.input[0])
+    if axes is None or sorted(axes.reshape(-1).tolist()) != [1, 2] or where is None or where.op_type != "Where":
+        return None
+    cond, a, b = where.input
+    values = [_scalar(name, producer, constants) for name in (a, b)]
+    if None in values:
+        return None
+    if_true, if_false = values
+    if if_true == 0.0 and if_false <= -1e4:  # Where(keep, 0, lowest)
+        return cond
+    negation = producer.get(cond)
+    if if_true <= -1e4 and if_false == 0.0 and negation is not None and negation.op_type == "Not":
+        return negation.input[0]  # Where(Not(keep), lowest, 0): what torch's masked_fill exports
+    return None
+
+
+def _scalar(name: str, producer: dict[str, onnx.NodeProto], constants: dict[str, np.ndarray]) -> float | None:
+    """The value of a tensor that is one number everywhere: a one-element initializer, or one Expanded."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Expand":
+        name = node.input[0]
+    value = constants.get(name)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _drop_unused_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs is used (repeatedly), and initializers no node uses."""
+    outputs = {v.name for v in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
 def unpack_attention(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy where each fused Attention is its packed QKV MatMul, a Split and a MultiHeadAttention taking the QKV
-    bias and the attention bias. onnxruntime's QAttention (what its quantizer makes of an Attention) has no input
+    """A copy where each fused Attention (but those in QAttention's form: a key mask, no attention bias) is its
+    packed QKV MatMul, a Split and a MultiHeadAttention taking the QKV bias and the attention bias. onnxruntime's
+    QAttention (what its quantizer makes of an Attention) has no input
     for an additive attention bias, so the padding mask and relative position bias would be lost; a MatMul
     quantizes like every other projection."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     nodes = []
     for node in model.graph.node:
-        if node.op_type != "Attention" or node.domain != MS_DOMAIN:
+        if node.op_type != "Attention" or node.domain != MS_DOMAIN or _has_key_mask_only(node):
             nodes.append(node)
             continue
         x, weight, bias = node.input[:3]
@@ -104,6 +195,11 @@ def unpack_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
+
+
+def _has_key_mask_only(node: onnx.NodeProto) -> bool:
+    """An Attention that takes a key mask and no attention bias or past state: QAttention's form."""
+    return len(node.input) == 4 and bool(node.input[3])
 
 
 def fuse(model: onnx.ModelProto) -> onnx.ModelProto:

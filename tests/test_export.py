@@ -296,10 +296,14 @@ def test_fp16_graph_is_checked_and_long_audio_keeps_exact_frame_counts(checkpoin
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_fused_graph_runs_contrib_attention_gelu_and_skip_norm(fp32, int8, checkpoints, modality):
     layers = encoder_config(load_checkpoint(checkpoints[modality])).num_layers
-    for report, attention in ((fp32[modality], "Attention"), (int8[modality], "MultiHeadAttention")):
+    # int8: QAttention where attention's bias is only the padding mask; the image's relative position bias needs
+    # MultiHeadAttention's bias input
+    int8_attention = "MultiHeadAttention" if modality == "image" else "QAttention"
+    for report, attention in ((fp32[modality], "Attention"), (int8[modality], int8_attention)):
         counts = report["parity"]["fused_nodes"]
         assert report["parity"]["graph"] == "fused" and set(FUSED_OPS) <= set(counts["in_file"])
         assert counts["in_file"][attention] == layers and counts["in_file"]["BiasGelu"] == layers
+        assert sum(counts["in_file"][op] for op in ("Attention", "MultiHeadAttention", "QAttention")) == layers
         assert counts["in_file"]["SkipLayerNormalization"] >= 2 * layers
         in_file = {n.op_type for n in onnx.load(report["path"]).graph.node}
         assert not in_file & {"Softmax", "Erf"}  # no attention or GELU left unfused
@@ -323,6 +327,51 @@ def test_fused_graph_is_batch_invariant(fp32, checkpoints, modality):
         assert together["output_mask"][i, :t].tolist() == alone["output_mask"][0].tolist()
         for name in ("last_hidden_state", "target_hidden_state"):
             np.testing.assert_allclose(together[name][i, :t][valid], alone[name][0][valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_key_mask_attention_equals_the_fused_graph_and_is_batch_invariant(fp32, checkpoints, modality):
+    """The padding mask handed to Attention as a [B, T] key mask (QAttention's form, before quantization) computes
+    what the additive-bias graph computes, and an item's output does not depend on its batch-mates' padding."""
+    from d2v.export.variants import attention_with_key_mask
+
+    model = onnx.load(fp32[modality]["path"])
+    layers = encoder_config(load_checkpoint(checkpoints[modality])).num_layers
+    keyed = attention_with_key_mask(model)
+    attention = [n for n in keyed.graph.node if n.op_type == "Attention"]
+    assert len(attention) == layers and all(len(n.input) == 4 and n.input[3] for n in attention)
+    assert len({n.input[3] for n in attention}) == 1  # one cast mask shared by every layer
+    assert not {n.op_type for n in keyed.graph.node} & {"Where", "Expand"}  # the additive-bias subgraph is gone
+    batch = _unseen_inputs(modality, checkpoints[modality])
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, keyed)]
+    biased, together = (V.run(s, [batch])[0] for s in sessions)
+    for name in OUTPUTS:
+        np.testing.assert_allclose(together[name], biased[name], atol=1e-5, rtol=0)
+    for i in range(len(batch["attention_mask"])):
+        n = int(batch["attention_mask"][i].sum())
+        alone = V.run(sessions[1], [{k: v[i:i + 1, :n] for k, v in batch.items()}])[0]
+        valid = alone["output_mask"][0].astype(bool)
+        np.testing.assert_allclose(together["last_hidden_state"][i, :valid.size][valid],
+                                   alone["last_hidden_state"][0][valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_int8_qattention_masks_padding(int8, checkpoints, modality):
+    """QAttention takes the padding mask: an item inside a padded batch of mixed lengths stays close to the item run
+    alone (dynamic quantization scales activations over the whole batch, so close, not equal), and close to torch."""
+    sess = ort.InferenceSession(int8[modality]["path"], providers=["CPUExecutionProvider"])
+    batch = _unseen_inputs(modality, checkpoints[modality])
+    together = V.run(sess, [batch])[0]
+    reference = _torch_outputs(checkpoints[modality], batch)
+    for i in range(len(batch["attention_mask"])):
+        n = int(batch["attention_mask"][i].sum())
+        alone = V.run(sess, [{k: v[i:i + 1, :n] for k, v in batch.items()}])[0]
+        valid = alone["output_mask"][0].astype(bool)
+        pooled = [out["last_hidden_state"][row, :valid.size][valid].mean(0)
+                  for out, row in ((together, i), (alone, 0), (reference, i))]
+        cosine = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in ((pooled[0], pooled[1]),
+                                                                                  (pooled[0], pooled[2]))]
+        assert cosine[0] >= 0.999 and cosine[1] >= 0.99, (i, cosine)
 
 
 def test_no_fuse_exports_the_plain_graph(checkpoints, tmp_path):
