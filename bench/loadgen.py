@@ -5,7 +5,8 @@
     python -m bench.loadgen --http http://127.0.0.1:7997/embeddings --model text ...   # OpenAI /embeddings
 
 `--concurrency` workers each keep one call in flight (one input per call, every input distinct: a pool made up
-front, varied on reuse) until `--duration` seconds past the `--warmup`; it stops by itself (time and call bounds).
+front, varied on reuse) until `--duration` seconds past the `--warmup`; it stops by itself (time and call bounds),
+cancelling the calls still in flight then (they are not counted: the window ends at the last call that finished).
 Prints one JSON object: the rate counted between batch edges (bench/stats.py), latency percentiles of the calls
 started after the warm-up, errors, and, with `--metrics`, the server's batch sizes and padding over the same span.
 """
@@ -95,8 +96,21 @@ async def closed_loop(send: Send, inputs: list[Any], concurrency: int, duration:
         if on_window_start is not None:
             await on_window_start()
 
+    async def stop_when_done(workers: list[asyncio.Task]) -> None:
+        """Cancel the calls still in flight once the run is over: waiting for them (with slow inputs at high
+        concurrency, a whole queue's worth) would add nothing to the window and minutes to the run."""
+        while more():
+            await asyncio.sleep(0.05)
+        if next_index >= max_calls:  # a bounded number of calls: each one finishes
+            return
+        for task in workers:
+            task.cancel()
+
     marker = asyncio.ensure_future(mark_window())
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    stopper = asyncio.ensure_future(stop_when_done(workers))
+    await asyncio.gather(*workers, return_exceptions=True)
+    stopper.cancel()
     await marker
     return {"starts": starts, "ends": ends, "errors": dict(errors), "calls": next_index,
             "window": (window_start, max([stop_at, *ends]))}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.stats import Histogram, counters, histograms
+from bench.stats import Histogram, counters, gauges, histograms
 
 
 def free_port() -> int:
@@ -51,8 +51,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def inputs_done(metrics_page: str, model: str) -> float:
-    """Inputs the server has embedded with `model` (d2v_inputs_total)."""
-    return sum(v for k, v in counters(metrics_page, "d2v_inputs").items() if dict(k).get("model") == model)
+    """Inputs the server has run through `model` (the sum of its d2v_batch_size histogram: inputs of cancelled
+    calls that ran included, since their CPU time is)."""
+    sizes = histograms(metrics_page, "d2v_batch_size").get(model)
+    return float(sizes.total) if sizes is not None else 0.0
+
+
+def queue_depth(metrics_page: str, model: str) -> float:
+    """Inputs admitted by the server and not yet in a batch (d2v_queue_depth)."""
+    return sum(v for k, v in gauges(metrics_page, "d2v_queue_depth").items() if dict(k).get("model") == model)
 
 
 def batch_stats(before: str, after: str, model: str) -> dict[str, Any]:
@@ -142,11 +149,20 @@ class D2vServer:
         self.cold_start_s = time.perf_counter() - start
         return self
 
-    def usage(self, model: str) -> tuple[float, float]:
-        """(CPU seconds the server has used, inputs it has embedded with `model`): per-item CPU cost from two."""
-        with urllib.request.urlopen(self.metrics_url, timeout=30) as reply:
-            page = reply.read().decode()
-        return cpu_seconds(self.proc.pid), inputs_done(page, model)
+    def usage(self, model: str, settle_s: float = 120.0) -> tuple[float, float]:
+        """(CPU seconds the server has used, inputs it has run through `model`): per-item CPU cost from two. Read
+        once the server is idle (no input queued, no batch finishing), so a batch still running when the load
+        generator cancelled its last calls is counted with its CPU time, and it runs items whose calls are gone."""
+        deadline = time.monotonic() + settle_s
+        last = None
+        while True:
+            with urllib.request.urlopen(self.metrics_url, timeout=30) as reply:
+                page = reply.read().decode()
+            now = (inputs_done(page, model), queue_depth(page, model))
+            if (now[1] == 0 and now == last) or time.monotonic() > deadline:
+                return cpu_seconds(self.proc.pid), now[0]
+            last = now
+            time.sleep(0.2)
 
     def memory(self) -> dict[str, float]:
         return rss_mb(self.proc.pid) if self.proc else {}

@@ -101,6 +101,18 @@ def counters(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
+def gauges(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The gauge `name` of a /metrics page, by its sorted label pairs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            for sample in family.samples:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b rounded to 2 places; None when either is missing or b is 0."""
     if a is None or b is None or not b or a != a or b != b:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _RETRY_S = (0.002, 0.05)  # a waiting caller (a stream) polls for queue room between these bounds
 _EMBEDDING_OVERHEAD = 64  # bytes of a response around each embedding's values (shape, dtype, fields), generously
 _TRIM_AFTER_BYTES = 64 * 2**20  # idle again after preprocessing this much: hand freed heap back to the OS
+_TOKENIZE_INLINE_CHARS = 1024  # texts up to this many characters in all are tokenized on the event loop
 
 
 @dataclass(slots=True)
@@ -358,7 +359,11 @@ class EmbeddingCore:
         loop = asyncio.get_running_loop()
         if model.modality == "text":  # one encode_batch call for all the texts
             texts = [inp.value for inp in inputs]
-            done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate, plan)
+            if plan is None and sum(len(t) for t in texts if isinstance(t, str)) <= _TOKENIZE_INLINE_CHARS:
+                # tokenizing a few short texts costs less than the hop to the pool and back
+                done = prepare_texts(model, texts, truncate, plan)
+            else:
+                done = await loop.run_in_executor(self.pool, prepare_texts, model, texts, truncate, plan)
         else:
             jobs = [loop.run_in_executor(self.pool, prepare, model, inp, truncate, plan) for inp in inputs]
             done = await asyncio.gather(*jobs, return_exceptions=True)
