@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,61 @@ def test_closed_loop_sends_distinct_inputs_and_counts_errors():
     assert len(set(sent)) == len(sent)  # every call a distinct input
     assert sum(records["errors"].values()) == 4
     assert len(records["ends"]) == 36 and all(e >= s for s, e in zip(records["starts"], records["ends"], strict=True))
+
+
+def test_closed_loop_cancels_the_calls_in_flight_when_the_run_ends():
+    """A slow call still running at the end is cancelled, not waited for, and not counted."""
+    cancelled: list[int] = []
+    calls: list[str] = []
+
+    async def send(item: str) -> None:
+        calls.append(item)
+        try:
+            await asyncio.sleep(0.05 if len(calls) <= 4 else 30.0)  # the 5th call on would take 30 s
+        except asyncio.CancelledError:
+            cancelled.append(1)
+            raise
+
+    t0 = time.perf_counter()
+    records = asyncio.run(closed_loop(send, [f"a b {i}" for i in range(5)], concurrency=2, duration=0.3,
+                                      warmup=0.0))
+    assert time.perf_counter() - t0 < 5  # not the 30 s of the slow calls
+    assert len(cancelled) == 2 and len(records["ends"]) == len(records["starts"]) == 4
+    assert records["window"][1] >= records["window"][0] + 0.3
+
+
+def test_usage_waits_until_the_server_is_idle(monkeypatch):
+    """The server's inputs count is read once nothing is queued and the count has settled."""
+    from bench import server as bench_server
+
+    pages = iter([_page(3, 2), _page(5, 0), _page(6, 0), _page(6, 0)])
+
+    class Reply:
+        def __init__(self) -> None:
+            self.text = next(pages)
+
+        def __enter__(self):  # noqa: ANN204 - a stand-in for urlopen's response
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def read(self) -> bytes:
+            return self.text.encode()
+
+    monkeypatch.setattr(bench_server.urllib.request, "urlopen", lambda *a, **k: Reply())
+    monkeypatch.setattr(bench_server.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench_server, "cpu_seconds", lambda pid: 1.5)
+    server = bench_server.D2vServer([])
+    server.proc = type("Proc", (), {"pid": 1})()
+    assert server.usage("m") == (1.5, 6.0)
+
+
+def _page(inputs_run: int, queued: int) -> str:
+    return ("# TYPE d2v_batch_size histogram\n"
+            f'd2v_batch_size_bucket{{model="m",le="+Inf"}} 2.0\nd2v_batch_size_count{{model="m"}} 2.0\n'
+            f'd2v_batch_size_sum{{model="m"}} {inputs_run}.0\n'
+            f'# TYPE d2v_queue_depth gauge\nd2v_queue_depth{{model="m"}} {queued}.0\n')
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------------------
