@@ -239,7 +239,7 @@ async def run(args: argparse.Namespace) -> LoadResult:
     workload = WORKLOADS[args.workload]
     meta = read_metadata(args.model_file)
     inputs = workload.inputs(meta, args.pool or workload.pool, seed=args.seed)
-    mean_units = sum(workload.units(meta, x) for x in inputs) / len(inputs)
+    mean_units = workload.mean_units(meta, inputs)
     if args.grpc:
         send, close = grpc_sender(args.grpc, args.model, args.concurrency)
         transport = "grpc"

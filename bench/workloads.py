@@ -49,10 +49,15 @@ class Workload:
 
     def units(self, meta: dict[str, Any], item: Any) -> float:
         """What one input counts for in `unit`: its tokens, its seconds of audio, one image."""
+        return self.mean_units(meta, [item])
+
+    def mean_units(self, meta: dict[str, Any], items: list[Any]) -> float:
+        """The mean of `units` over `items` (the tokenizer is built once, not per input)."""
         if self.modality == "text":
-            return float(len(preprocessing_from_dict("text", meta["preprocessing"]).prepare(item)))
+            pre = preprocessing_from_dict("text", meta["preprocessing"])
+            return sum(float(len(pre.prepare(item))) for item in items) / len(items)
         if self.modality == "audio":
-            return len(item.samples) / item.sample_rate
+            return sum(len(item.samples) / item.sample_rate for item in items) / len(items)
         return 1.0
 
 
