@@ -49,7 +49,7 @@ class Mode:
 
 MODES = {
     "quick": Mode(duration=5.0, warmup=2.0, raw_duration=3.0, raw_batches=(), engines=(("text", 8, 128),),
-                  engine_threads=(0,), repeat=3, rounds=1),
+                  engine_threads=(0,), repeat=2, rounds=1),
     "full": Mode(duration=20.0, warmup=5.0, raw_duration=10.0, raw_batches=(1, 4, 8, 16, 32),
                  engines=(("text", 32, 128), ("audio", 8, 80000)), engine_threads=(1, 2), repeat=5, rounds=2),
 }

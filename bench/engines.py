@@ -133,6 +133,7 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     from d2v.export.graph import graph_module
     from d2v.training.checkpoint import load_checkpoint, load_encoder
     from d2v.training.models import EncoderConfig
+    from d2v_serve.runtime import session_options  # the server's: what it runs is what is compared
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -146,10 +147,7 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
         out: dict[str, Any] = {"batch": batch, "length": length, "threads": threads,
                                "torch_s": round(median_seconds(lambda: module(**tensors), repeat), 4)}
     for name, path in model_files.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         hidden, mask = session.run(["last_hidden_state", "output_mask"], inputs)
         out[f"{name}_s"] = round(median_seconds(lambda s=session: s.run(None, inputs), repeat), 4)
         out[f"{name}_cosine"] = round(float(cosines(pooled(hidden, mask), reference).min()), 6)
