@@ -75,8 +75,10 @@ async def closed_loop(send: Send, inputs: list[Any], concurrency: int, duration:
             return True
         # enough completions in the window, and enough calls started in it finished for the latency percentiles
         # (half as many: with slow inputs at high concurrency each takes a whole queue's time)
-        return (sum(1 for t in ends if t >= window_start) < min_items
-                or sum(1 for t in starts if t >= window_start) < max(1, min_items // 2))
+        return sum(1 for t in ends if t >= window_start) < min_items or latency_samples() < max(1, min_items // 2)
+
+    def latency_samples() -> int:
+        return sum(1 for t in starts if t >= window_start)
 
     async def worker() -> None:
         nonlocal next_index
@@ -104,8 +106,8 @@ async def closed_loop(send: Send, inputs: list[Any], concurrency: int, duration:
         concurrency, a whole queue's worth) would add nothing to the window and minutes to the run."""
         while more():
             await asyncio.sleep(0.05)
-        if next_index >= max_calls:  # a bounded number of calls: each one finishes
-            return
+        if next_index >= max_calls or latency_samples() < max(1, min_items // 2):
+            return  # a bounded number of calls, or the hard stop came first: the calls in flight finish
         for task in workers:
             task.cancel()
 
