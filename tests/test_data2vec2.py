@@ -26,7 +26,15 @@ from d2v.training.models.init import init_weights
 from d2v.training.objective import LossSpec, TeacherSpec
 from d2v.training.objective2 import Data2Vec2, DecoderSpec
 from d2v.training.targets import target_representation
-from tests.test_train import SETS, args_for, read_metrics, write_audio, write_corpus, write_images
+from tests.test_train import (
+    SETS,
+    args_for,
+    assert_resume_reproduces,
+    read_metrics,
+    write_audio,
+    write_corpus,
+    write_images,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_layers=3, num_heads=4, ffn_size=64)
@@ -305,18 +313,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data):
     """Audio with dropout, layerdrop (the data2vec2 default), padding and accumulation: identical losses, weights,
     teacher and decoder, bitwise (CPU)."""
     extra = ("--accum", "2", "--save-every", "3", "--set", "model.dropout=0.1", "--set", "data.pad_audio=true")
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main(v2_args("audio", data, whole, 6, *extra)) == 0
-    assert main(v2_args("audio", data, parts, 6, *extra, "--set", "stop_at=4")) == 0
-    assert load_checkpoint(parts / "ckpt.pt")["training"]["step"] == 4
-    assert main(["--out", str(parts), "--resume", "--no-progress"]) == 0
-    a, b = read_metrics(whole), read_metrics(parts)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    ca, cb = load_checkpoint(whole / "ckpt.pt"), load_checkpoint(parts / "ckpt.pt")
-    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
-    for key in ("teacher", "decoder"):
-        assert all(torch.equal(ca["training"][key][k], cb["training"][key][k]) for k in ca["training"][key])
+    assert_resume_reproduces(v2_args, data, tmp_path, 6, 4, extra, ("teacher", "decoder"))
 
 
 def test_objective_in_config_and_errors(tmp_path, data, capsys):

@@ -136,24 +136,30 @@ def test_loss_falls_and_targets_keep_their_spread(tmp_path, data, modality):
     assert end["event"] == "end" and end["ranks_in_sync"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, data):
-    """2N steps in one go vs N steps, stop, --resume for N more: identical losses and weights, bitwise (CPU).
-    Audio with dropout, decoding threads and gradient accumulation, so RNG, data position and accumulation count."""
-    extra = ("--accum", "2", "--save-every", "3", "--set", "model.dropout=0.1", "--set", "data.num_workers=2")
+def assert_resume_reproduces(build_args, data, tmp_path: Path, steps: int, stop: int, extra: tuple[str, ...],
+                             training_keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """`steps` updates in one go vs `stop` updates, stop, --resume for the rest: identical losses, encoder weights and
+    the listed `training` state dicts, bitwise (CPU). Returns both runs' metrics."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main(args_for("audio", data, whole, 8, *extra)) == 0
-    assert main(args_for("audio", data, parts, 8, *extra, "--set", "stop_at=5")) == 0
-    assert load_checkpoint(parts / "ckpt.pt")["training"]["step"] == 5
+    assert main(build_args("audio", data, whole, steps, *extra)) == 0
+    assert main(build_args("audio", data, parts, steps, *extra, "--set", f"stop_at={stop}")) == 0
+    assert load_checkpoint(parts / "ckpt.pt")["training"]["step"] == stop
     assert main(["--out", str(parts), "--resume", "--no-progress"]) == 0
     a, b = read_metrics(whole), read_metrics(parts)
-    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert [r["target_var"] for r in a] == [r["target_var"] for r in b]
     ca, cb = load_checkpoint(whole / "ckpt.pt"), load_checkpoint(parts / "ckpt.pt")
-    for key in ("model",):
-        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
-    for key in ("teacher", "head"):
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    for key in training_keys:
         assert all(torch.equal(ca["training"][key][k], cb["training"][key][k]) for k in ca["training"][key])
+    return a, b
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data):
+    """Audio with dropout, decoding threads and gradient accumulation, so RNG, data position and accumulation count."""
+    extra = ("--accum", "2", "--save-every", "3", "--set", "model.dropout=0.1", "--set", "data.num_workers=2")
+    a, b = assert_resume_reproduces(args_for, data, tmp_path, 8, 5, extra, ("teacher", "head"))
+    assert [r["target_var"] for r in a] == [r["target_var"] for r in b]
 
 
 def test_the_same_run_gives_a_byte_identical_checkpoint(tmp_path, data, monkeypatch):
