@@ -16,6 +16,13 @@ Two candidates are diagnostics, not data2vec recipes, run through this script's 
   data: does a known-good objective find the topics in this budget?
 - `bn-fast-ema`: each target layer normalised per channel over all the batch's tokens (unlike the instance norm,
   it keeps what is constant within a document, e.g. its topic, and it forbids a collapse), with a fast EMA.
+- `pooled-*`: a document-level term beside data2vec's (or, `pooled-only`, instead of it): the student's mean-pooled
+  output, through the head, regresses the teacher's mean-pooled target (data2vec 2.0's CLS term for images, made
+  for mean pooling); with whole sentences masked, the missing part of the document's target is what the visible
+  sentences say about the others, i.e. the topic.
+`--lsa` prints a reference instead: a 64-component truncated SVD of the train split's document-word counts (LSA),
+mean-pooled and probed like the model: what word co-occurrence alone gives at tiny's width, next to a random
+64-dimensional projection of the same counts (what a model at its initial weights holds) and the counts themselves.
 The `man-*` candidates swap the topic corpus for a natural-language one built from the Debian `manpages` and
 `manpages-dev` packages: DESCRIPTION paragraphs labelled by manual section (system calls, library functions, devices
 and file formats, overviews); it is read from the installed man pages, never downloaded.
@@ -40,7 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 STEPS = 1000
+FULL = 12000
 D2V2 = ["--objective", "data2vec2"]
+SPAN8 = ["--set", "masking.mask_span=8"]
 # name -> (extra d2v-train arguments, training variant or None, updates)
 CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
     "defaults": ([], None, STEPS),
@@ -53,8 +62,16 @@ CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
     "emb-lr-x5": ([], "emb_lr", STEPS),
     "bn-fast-ema": (["--set", "ema_decay=0.99", "--set", "ema_end_decay=0.999", "--set", "ema_anneal_steps=1000"],
                     "bn", STEPS),
+    "pooled-span8-p50": (SPAN8 + ["--set", "masking.mask_prob=0.5"], "pooled:1", STEPS),
+    # without the token term nothing keeps the token targets apart: the guard stops it at update 640, so it is off
+    "pooled-only-span8-p50": (SPAN8 + ["--set", "masking.mask_prob=0.5", "--set", "guard.after=1000000"],
+                              "pooled:1:0", 600),
     "mlm-lr2e-4": ([], "mlm", STEPS),
     "mlm-lr1e-3-3000": (["--lr", "1e-3"], "mlm", 3000),
+    # a whole "10 minutes of one core" run (12000 updates: 510-600 CPU s here)
+    "defaults-12000": ([], None, FULL),
+    "emb-lr-x5-12000": ([], "emb_lr", FULL),
+    "mlm-lr1e-3-12000": (["--lr", "1e-3"], "mlm", FULL),
     "d2v2": (D2V2, None, STEPS),
     "d2v2-layer-norm": (D2V2 + ["--set", "model.target_norm=layer"], None, STEPS),
     "d2v2-ema-0.999": (D2V2 + ["--set", "ema_decay=0.999", "--set", "ema_end_decay=0.999"], None, STEPS),
@@ -186,6 +203,25 @@ def train_variant(variant: str, argv: list[str]) -> int:
             return (x - mean) / torch.sqrt(var + targets.EPS) * w
 
         targets.normalize_layer = batch_norm
+    elif variant.startswith("pooled:"):  # + the student's mean-pooled output regresses the teacher's pooled targets
+        weight, token_weight = (float(v) for v in (variant.split(":")[1:] + ["1"])[:2])
+
+        def pooled_forward(self, inputs, mask, student_inputs=None):  # noqa: ANN001, ANN202
+            x, valid = self.student.embed(**student_inputs)
+            y = self.targets(inputs, x, valid)
+            h = self.student.encode(x, valid).last_hidden_state
+            w = (inputs["input_ids"].ne(self.cfg.pad_id) if valid is None else valid).unsqueeze(-1).float()
+            pooled_pred = self.head((h * w).sum(1) / w.sum(1)).float()
+            pooled_target = (y * w).sum(1) / w.sum(1)
+            pred = self.head(h[mask]).float()
+            count = mask.sum()
+            loss = token_weight * objective.regression_loss(pred, y[mask], self.loss_spec).sum() / count.clamp_min(1)
+            loss = loss + weight * objective.regression_loss(pooled_pred, pooled_target, self.loss_spec).mean()
+            stats = {"target_var": objective.spread(y[mask]), "pred_var": objective.spread(pred.detach()),
+                     "masked": count.detach()}
+            return objective.StepOutput(loss, stats)
+
+        objective.Data2Vec.forward = pooled_forward
     elif variant == "emb_lr":  # the token embeddings at 5x the scheduled lr
         build_optimizer = trainer.Trainer._optimizer
 
@@ -244,6 +280,29 @@ def run(name: str, out: Path, seed: int, steps: int | None = None) -> dict:
     return result
 
 
+def lsa_reference(out: Path, width: int = 64) -> dict:
+    """Probe accuracy of word counts, a random `width`-d projection of them, and a `width`-d LSA of the train split
+    (each projection mean-pooled over the document's words, as the model's vectors are)."""
+    import numpy as np
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from d2v_serve.evaluate import linear_probe
+
+    train, labelled = corpus(out, "topics")
+    rows = [json.loads(line) for line in labelled.read_text(encoding="utf-8").splitlines()]
+    words = CountVectorizer(token_pattern=r"[^ ]+").fit(train.read_text(encoding="utf-8").splitlines())
+    counts = words.transform([r["text"] for r in rows]).toarray().astype(np.float64)
+    labels = [r["label"] for r in rows]
+    per_word = counts / counts.sum(1, keepdims=True)
+    lsa = TruncatedSVD(width, random_state=0).fit(words.transform(train.read_text(encoding="utf-8").splitlines()))
+    projection = np.random.default_rng(0).normal(size=(counts.shape[1], width))
+    result = {"counts": linear_probe(counts, labels).accuracy,
+              f"random-{width}": linear_probe(per_word @ projection, labels).accuracy,
+              f"lsa-{width}": linear_probe(per_word @ lsa.components_.T, labels).accuracy}
+    return {k: round(v, 3) for k, v in result.items()}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -273,9 +332,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, help="override every candidate's update count (a quick check)")
     p.add_argument("--plot-only", action="store_true", help="redraw OUT/screen.png from OUT/results.jsonl")
+    p.add_argument("--lsa", action="store_true", help="print the word-count, random-projection and LSA references")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.lsa:
+        print(json.dumps(lsa_reference(out)))
+        return 0
     log = out / "results.jsonl"
     if not args.plot_only:
         unknown = [c for c in args.candidates if c not in CANDIDATES]
