@@ -173,6 +173,15 @@ def corpus(out: Path, name: str) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------------------- variants
 
 
+def pooled_weights(variant: str) -> tuple[float, float]:
+    """'pooled:W' or 'pooled:W:T' -> (document-level term weight W, token term weight T, default 1)."""
+    parts = variant.split(":")
+    if parts[0] != "pooled" or not 2 <= len(parts) <= 3:
+        raise ValueError(f"expected pooled:W or pooled:W:T, got {variant!r}")
+    weight, token_weight = (float(v) for v in (parts[1:] + ["1"])[:2])
+    return weight, token_weight
+
+
 def train_variant(variant: str, argv: list[str]) -> int:
     """d2v-train with one diagnostic change (see the module docstring)."""
     import torch
@@ -204,7 +213,7 @@ def train_variant(variant: str, argv: list[str]) -> int:
 
         targets.normalize_layer = batch_norm
     elif variant.startswith("pooled:"):  # + the student's mean-pooled output regresses the teacher's pooled targets
-        weight, token_weight = (float(v) for v in (variant.split(":")[1:] + ["1"])[:2])
+        weight, token_weight = pooled_weights(variant)
 
         def pooled_forward(self, inputs, mask, student_inputs=None):  # noqa: ANN001, ANN202
             x, valid = self.student.embed(**student_inputs)

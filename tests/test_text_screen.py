@@ -3,6 +3,8 @@ the bar chart."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench import text_screen
 from d2v.training.defaults import defaults, set_path
 
@@ -37,8 +39,22 @@ def test_every_candidate_names_known_config_keys():
         for flag, value in zip(extra, extra[1:], strict=False):
             if flag == "--set":
                 set_path(cfg, value)  # raises ConfigError on an unknown key or a wrong type
-        assert variant in (None, "mlm", "bn", "emb_lr"), name
+        assert variant in (None, "mlm", "bn", "emb_lr") or text_screen.pooled_weights(variant), name
         assert steps > 0
+
+
+def test_pooled_variant_weights():
+    assert text_screen.pooled_weights("pooled:1") == (1.0, 1.0)
+    assert text_screen.pooled_weights("pooled:1:0") == (1.0, 0.0)
+    with pytest.raises(ValueError, match="pooled:W"):
+        text_screen.pooled_weights("pooled")
+
+
+def test_lsa_reference_finds_the_topics_a_random_projection_blurs(tmp_path):
+    ref = text_screen.lsa_reference(tmp_path)
+    assert set(ref) == {"counts", "random-64", "lsa-64"}
+    assert all(1 / 6 < v <= 1 for v in ref.values())
+    assert ref["lsa-64"] > ref["random-64"] + 0.1
 
 
 def test_plot_draws_one_bar_per_result(tmp_path):
