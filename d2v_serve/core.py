@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ from .memory import release_free_memory
 from .postprocess import OutputOptions, output_options
 from .preprocess import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, audio_frames, frame_limit
 from .registry import REPRESENTATIONS, Model
+from .relay import Relay
 from .request import EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
@@ -118,22 +119,42 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.waiting = 0
         self._changed = asyncio.Condition()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
-        n = min(n, self.limit)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + n <= self.limit)
-            self.used += n
-        metrics.PREPROCESS_BYTES.set(self.used)
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= n
-                self._changed.notify_all()
-            metrics.PREPROCESS_BYTES.set(self.used)
+    def hold(self, n: int) -> _Held:
+        """`async with budget.hold(n):` holds min(n, limit) bytes of the budget."""
+        return _Held(self, min(n, self.limit))
+
+
+class _Held:
+    """A hold on a ByteBudget. Taking what is free costs no lock (one event loop thread runs all of this); only a
+    request that has to wait, and a release while some do, go through the condition."""
+
+    __slots__ = ("budget", "n")
+
+    def __init__(self, budget: ByteBudget, n: int) -> None:
+        self.budget, self.n = budget, n
+
+    async def __aenter__(self) -> None:
+        b, n = self.budget, self.n
+        if b.used + n > b.limit:
+            b.waiting += 1
+            try:
+                async with b._changed:
+                    await b._changed.wait_for(lambda: b.used + n <= b.limit)
+            finally:
+                b.waiting -= 1
+        b.used += n
+        metrics.PREPROCESS_BYTES.set(b.used)
+
+    async def __aexit__(self, *exc: object) -> None:
+        b = self.budget
+        b.used -= self.n
+        metrics.PREPROCESS_BYTES.set(b.used)
+        if b.waiting:
+            async with b._changed:
+                b._changed.notify_all()
 
 
 class EmbeddingCore:
@@ -148,6 +169,7 @@ class EmbeddingCore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._budget = ByteBudget(config.max_preprocess_mb * 2**20)
+        self._relay = Relay()
         self._bytes_since_trim = 0
         self.last_call_at = 0.0  # time.monotonic() of the latest call's arrival
 
@@ -312,7 +334,7 @@ class EmbeddingCore:
             if not items:
                 batcher.release(reserved)
             raise
-        results = await _gather_items(items)
+        results = await self._relay.gather([it.future for it in items])
         return _result(model, request, prepared, results, options, plan, preprocess_s, time.perf_counter() - start)
 
     def _check_response_size(self, model: Model, prepared: list[Prepared], options: OutputOptions,
@@ -397,19 +419,6 @@ def least_output_positions(model: Model, inp: Input) -> int:
     frames = min(len(pcm.data) // frame_bytes, frame_limit(model.max_audio_seconds, pcm.sample_rate))
     samples = frames * model.sample_rate // pcm.sample_rate - 1  # resampling may round one sample down
     return int(audio_frames(max(0, samples), model.meta["conv_layers"]))
-
-
-async def _gather_items(items: list[Item]) -> list[ItemResult]:
-    """All item results; on the first failure the rest are cancelled (dropped at dequeue if still queued)."""
-    futures = [asyncio.wrap_future(it.future) for it in items]
-    try:
-        if len(futures) == 1:  # the common case: no gathering future and its callbacks
-            return [await futures[0]]
-        return await asyncio.gather(*futures)
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
 
 
 def _items(model: Model, p: Prepared, options: OutputOptions, plan: ChunkPlan | None, deadline: float | None

@@ -60,7 +60,7 @@ class Model:
     def pad_id(self) -> int:
         return int(getattr(self.preprocessing, "pad_id", 1))
 
-    @property
+    @cached_property
     def outputs(self) -> dict[str, str]:
         """The representations this model file offers: name -> graph output."""
         return {k: v for k, v in REPRESENTATIONS.items() if v in self.runner.output_names}

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from ._proto.d2v.v1 import embedder_pb2 as pb
-from .core import EmbeddingCore, EmbedResult, ModelInfo, WindowResult, model_info
+from .core import EmbeddingCore, EmbedResult, ModelInfo, model_info
 from .errors import INPUT_INDEX_KEY, ServeError, shutting_down
 from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
-from .tensors import to_tensor
+from .tensors import fill_tensor
 from .wire import parse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
@@ -173,20 +173,22 @@ def _input(inp: pb.Input) -> Input:
 
 
 def embed_response(result: EmbedResult) -> pb.EmbedResponse:
-    u, t = result.usage, result.timings
-    usage = pb.Usage(inputs=u.inputs, positions=u.positions, tokens=u.tokens, audio_frames=u.audio_frames,
-                     audio_seconds=u.audio_seconds, images=u.images)
-    timings = pb.Timings(preprocess_ms=t.preprocess_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms,
-                         total_ms=t.total_ms)
-    embeddings = [pb.Embedding(tensor=to_tensor(e.value), positions=e.positions, truncated=e.truncated,
-                               windows=[_window(w) for w in e.windows or ()]) for e in result.embeddings]
-    return pb.EmbedResponse(model=result.model, embeddings=embeddings, usage=usage, timings=timings,
-                            request_id=result.request_id)
-
-
-def _window(w: WindowResult) -> pb.Window:
-    return pb.Window(start=w.start, end=w.end, positions=w.positions, kept_start=w.kept_start, kept_end=w.kept_end,
-                     tensor=to_tensor(w.value))
+    """Built in place, field by field: nested messages passed to a constructor would each be copied into it."""
+    response = pb.EmbedResponse(model=result.model, request_id=result.request_id)
+    u, usage = result.usage, response.usage
+    usage.inputs, usage.positions, usage.tokens = u.inputs, u.positions, u.tokens
+    usage.audio_frames, usage.audio_seconds, usage.images = u.audio_frames, u.audio_seconds, u.images
+    t, timings = result.timings, response.timings
+    timings.preprocess_ms, timings.queue_ms, timings.inference_ms = t.preprocess_ms, t.queue_ms, t.inference_ms
+    timings.total_ms = t.total_ms
+    for e in result.embeddings:
+        embedding = response.embeddings.add(positions=e.positions, truncated=e.truncated)
+        fill_tensor(embedding.tensor, e.value)
+        for w in e.windows or ():
+            window = embedding.windows.add(start=w.start, end=w.end, positions=w.positions,
+                                           kept_start=w.kept_start, kept_end=w.kept_end)
+            fill_tensor(window.tensor, w.value)
+    return response
 
 
 def model_info_message(info: ModelInfo) -> pb.ModelInfo:

@@ -12,11 +12,19 @@ _BY_NUMPY = {v: k for k, v in DTYPES.items()}
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
     """Pack a float32 or float16 array (any byte order) as little-endian C-order bytes."""
+    tensor = pb.Tensor()
+    fill_tensor(tensor, array)
+    return tensor
+
+
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
+    """`to_tensor` into a Tensor field of a message being built (no copy of a finished Tensor into its parent)."""
     dtype = array.dtype.newbyteorder("<")
     if dtype not in _BY_NUMPY:
         raise ValueError(f"cannot send dtype {array.dtype} (float32 or float16)")
-    data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    return pb.Tensor(shape=list(array.shape), dtype=_BY_NUMPY[dtype], data=data)
+    tensor.shape.extend(array.shape)
+    tensor.dtype = _BY_NUMPY[dtype]
+    tensor.data = np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -450,3 +451,23 @@ def test_combined_load_generators():
     assert both["items_per_s"] == 10.0 and both["concurrency"] == 4 and both["errors"] == {"x": 3, "y": 1}
     assert both["p50_ms"] == 12.0 and both["p99_ms"] == 50.0 and both["server"] == {"a": 1}
     assert combine_loads([one]) is one
+
+
+def test_overhead_splits_cpu_by_thread_and_keeps_the_cheapest_round():
+    from bench import overhead
+
+    split = overhead.split_by_thread(10, {10: 1.0, 11: 5.0, 12: 0.5}, {10: 1.5, 11: 9.0, 12: 0.6, 13: 0.1}, 5.0)
+    assert split["model_thread"] == pytest.approx(4.0) and split["event_loop"] == pytest.approx(0.5)
+    assert split["other"] == pytest.approx(0.5)  # threads 12 and 13, and any that ended
+    assert overhead.thread_cpu(os.getpid())  # this process's own threads
+
+    def round_(server_ms: float, raw_ms: float) -> dict:
+        return {"server": {"cpu_ms_per_item": server_ms}, "raw_cpu_ms_per_item": raw_ms, "raw_best_batch": 16,
+                "raw_ort": [], "cpu_ratio": round(raw_ms / server_ms, 3)}
+
+    best = overhead.cheapest([round_(6.0, 4.6), round_(5.5, 5.0)])
+    assert best["server"]["cpu_ms_per_item"] == 5.5 and best["raw_cpu_ms_per_item"] == 4.6
+    assert best["cpu_ratio"] == pytest.approx(4.6 / 5.5, abs=1e-3)
+    assert best["overhead_cpu_ms_per_item"] == pytest.approx(0.9)
+    assert [r["cpu_ratio"] for r in best["rounds"]] == [0.767, 0.909]
+    assert overhead.main(["--workloads", "nope"]) == 2
