@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="", help="extra d2v-serve flags")
     p.add_argument("--rounds", type=int, default=1, help="alternating server / raw ORT measurements; the cheapest "
                                                          "of each is reported")
+    p.add_argument("--floor", action="store_true", help="also measure gRPC's own CPU per call: bench/grpc_floor.py "
+                                                        "(a canned answer after the server's median latency) "
+                                                        "under the same load")
     p.add_argument("--profile", type=Path, help="also record the server with py-spy during each load run: "
                                                 "WORKLOAD.txt (collapsed stacks) in this folder")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -86,6 +89,28 @@ def split_by_thread(pid: int, before: dict[int, float], after: dict[int, float],
     return {"model_thread": model, "event_loop": loop, "other": total - model - loop}
 
 
+def grpc_floor(model_file: Path, workload: str, delay_ms: float, args: argparse.Namespace) -> dict[str, Any]:
+    """CPU per call of bench/grpc_floor.py driven like the server (calls started, the few cancelled at the end of the
+    run included)."""
+    from bench.server import cpu_seconds, free_port, run_loadgen
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(port), "--delay-ms",
+                             str(delay_ms)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        if proc.stdout is None or proc.stdout.readline().strip() != "serving":
+            raise RuntimeError("bench.grpc_floor did not start")
+        cpu0 = cpu_seconds(proc.pid)
+        load = run_loadgen(f"127.0.0.1:{port}", model_file.stem, model_file, workload, args.concurrency,
+                           args.duration, args.warmup)
+        cpu = cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"delay_ms": delay_ms, "calls": load["calls"], "cpu_s": round(cpu, 3),
+            "cpu_ms_per_call": round(1000 * cpu / load["calls"], 4) if load["calls"] else None}
+
+
 def measure(model_file: Path, workload: str, args: argparse.Namespace) -> dict[str, Any]:
     """One round: the server under load, then raw ORT."""
     from bench.server import D2vServer, run_loadgen
@@ -114,6 +139,7 @@ def measure(model_file: Path, workload: str, args: argparse.Namespace) -> dict[s
             if profiler.returncode != 0:
                 print(f"bench.overhead: py-spy failed: {err.strip()[-300:]}", file=sys.stderr)
     items = n1 - n0
+    floor = grpc_floor(model_file, workload, load["p50_ms"], args) if args.floor else None
     batches = [int(b) for b in args.raw_batches.split(",") if b.strip()]
     raw = engines.in_fresh_process(engines.raw_ort, model_file, workload, batches, args.raw_duration, args.threads)
     cheapest = max(raw, key=lambda r: r["items_per_cpu_s"] or 0.0)
@@ -130,6 +156,7 @@ def measure(model_file: Path, workload: str, args: argparse.Namespace) -> dict[s
         "raw_cpu_ms_per_item": round(raw_ms, 4), "raw_best_batch": cheapest["batch"],
         "overhead_cpu_ms_per_item": round(server_ms - raw_ms, 4),
         "cpu_ratio": round(raw_ms / server_ms, 3),
+        "grpc_floor": floor,
     }
 
 
@@ -153,6 +180,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{s['event_loop_ms_per_item']:.3f}, {s['other_ms_per_item']:.3f}) | "
                      f"{r['raw_cpu_ms_per_item']:.3f} ({r['raw_best_batch']}) | {r['overhead_cpu_ms_per_item']:.3f} | "
                      f"**{r['cpu_ratio']:.3f}** | {s['items_per_s']:.1f}, {s['mean_batch']} |")
+    floors = [r for r in rows if r.get("grpc_floor")]
+    if floors:
+        lines += ["", "| workload | gRPC floor: CPU ms per call (canned answer after ms) | server event loop + other "
+                      "beyond it, ms / item |", "|---|---|---|"]
+        for r in floors:
+            f, s = r["grpc_floor"], r["server"]
+            beyond = s["event_loop_ms_per_item"] + s["other_ms_per_item"] - f["cpu_ms_per_call"]
+            lines.append(f"| {r['workload']} | {f['cpu_ms_per_call']:.3f} ({f['delay_ms']:.0f}) | {beyond:.3f} |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._main, name=f"d2v-run-{name}", daemon=True)
         self._post = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"d2v-post-{name}")
         self._warmup: list[list[np.ndarray]] = []
-        self._depth_gauge = metrics.QUEUE_DEPTH.labels(name)
+        metrics.gauge_from(metrics.QUEUE_DEPTH.labels(name), self, lambda b: b._admitted)
         self._up_gauge = metrics.WORKER_UP.labels(name)
 
     # ---- called from the event loop -------------------------------------------------------------------------
@@ -143,13 +143,11 @@ class Batcher:
                                          f"{self.policy.max_queue} inputs pending); retry with backoff")
             self._admitted += n
             self._returning = max(0, self._returning - n)
-            self._depth_gauge.set(self._admitted)
 
     def release(self, n: int) -> None:
         """Give back reservations of inputs that will not be submitted (bad input, cancelled call)."""
         with self._cond:
             self._admitted -= n
-            self._depth_gauge.set(self._admitted)
             self._cond.notify()
 
     def submit(self, items: Sequence[Item]) -> None:
@@ -204,7 +202,6 @@ class Batcher:
             queued, self._queue = self._queue, []
             self._admitted -= len(queued)
             self._queued_cost = 0.0
-            self._depth_gauge.set(self._admitted)
         for item in queued:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(unavailable(f"model {self.name} is down (its worker stopped)"))
@@ -277,7 +274,6 @@ class Batcher:
         self._queue = [it for it in self._queue if id(it) not in gone]
         self._queued_cost = max(0.0, self._queued_cost - sum(self.policy.work(it.length) for it in items))
         self._admitted -= len(items)
-        self._depth_gauge.set(self._admitted)
 
     def _select(self) -> list[Item]:
         """The oldest input plus its nearest neighbours by length.
@@ -355,12 +351,12 @@ class Batcher:
     def _record(self, batch: list[Item], outs: dict[str, np.ndarray], run_s: float) -> None:
         mask = outs[OUTPUT_MASK]
         valid = int(np.count_nonzero(mask))
-        metrics.BATCH_SIZE.labels(self.name).observe(len(batch))
-        metrics.PADDING.labels(self.name).observe(1.0 - valid / max(1, mask.size))
-        metrics.POSITIONS.labels(self.name, "valid").inc(valid)
-        metrics.POSITIONS.labels(self.name, "padded").inc(mask.size - valid)
-        metrics.BUSY_SECONDS.labels(self.name).inc(run_s)
-        metrics.STAGE_SECONDS.labels(self.name, "inference").observe(run_s)
+        metrics.child(metrics.BATCH_SIZE, self.name).observe(len(batch))
+        metrics.child(metrics.PADDING, self.name).observe(1.0 - valid / max(1, mask.size))
+        metrics.child(metrics.POSITIONS, self.name, "valid").inc(valid)
+        metrics.child(metrics.POSITIONS, self.name, "padded").inc(mask.size - valid)
+        metrics.child(metrics.BUSY_SECONDS, self.name).inc(run_s)
+        metrics.child(metrics.STAGE_SECONDS, self.name, "inference").observe(run_s)
 
     def _deliver(self, batch: list[Item], outs: dict[str, np.ndarray], start: float, run_s: float) -> None:
         """Finish each input from its rows of the batch output: inputs whose `finish` has a `finish_batch`
@@ -369,7 +365,8 @@ class Batcher:
         positions = np.count_nonzero(outs[OUTPUT_MASK], axis=1)  # right-padded: an input's valid rows come first
         groups: dict[tuple[str, Any], list[int]] = {}
         for i, item in enumerate(batch):
-            key = (item.output, item.finish if hasattr(item.finish, "finish_batch") else id(item))
+            # the same options are one object (the core keeps one per option set): no dataclass hashing per input
+            key = (item.output, id(item.finish) if hasattr(item.finish, "finish_batch") else id(item))
             groups.setdefault(key, []).append(i)
         for (output, _), rows in groups.items():
             finish = batch[rows[0]].finish
@@ -390,7 +387,7 @@ class Batcher:
                 continue
             for i, value in zip(rows, values, strict=True):
                 batch[i].future.set_result(ItemResult(value, int(positions[i]), start - batch[i].enqueued, run_s))
-        queue_hist = metrics.STAGE_SECONDS.labels(self.name, "queue")
+        queue_hist = metrics.child(metrics.STAGE_SECONDS, self.name, "queue")
         for item in batch:
             queue_hist.observe(start - item.enqueued)
-        metrics.STAGE_SECONDS.labels(self.name, "postprocess").observe(time.monotonic() - t0)
+        metrics.child(metrics.STAGE_SECONDS, self.name, "postprocess").observe(time.monotonic() - t0)

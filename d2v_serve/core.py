@@ -31,7 +31,7 @@ from .postprocess import OutputOptions, output_options
 from .preprocess import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, audio_frames, frame_limit
 from .registry import REPRESENTATIONS, Model
 from .relay import Relay
-from .request import EmbedRequest, Input, Pcm
+from .request import EmbedOptions, EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class ByteBudget:
         self.used = 0
         self.waiting = 0
         self._changed = asyncio.Condition()
+        metrics.gauge_from(metrics.PREPROCESS_BYTES, self, lambda b: b.used)
 
     def hold(self, n: int) -> _Held:
         """`async with budget.hold(n):` holds min(n, limit) bytes of the budget."""
@@ -146,12 +147,10 @@ class _Held:
             finally:
                 b.waiting -= 1
         b.used += n
-        metrics.PREPROCESS_BYTES.set(b.used)
 
     async def __aexit__(self, *exc: object) -> None:
         b = self.budget
         b.used -= self.n
-        metrics.PREPROCESS_BYTES.set(b.used)
         if b.waiting:
             async with b._changed:
                 b._changed.notify_all()
@@ -170,8 +169,10 @@ class EmbeddingCore:
         self._idle.set()
         self._budget = ByteBudget(config.max_preprocess_mb * 2**20)
         self._relay = Relay()
+        self._options: dict[tuple, OutputOptions] = {}  # valid option sets per model: a few dozen at most
         self._bytes_since_trim = 0
         self.last_call_at = 0.0  # time.monotonic() of the latest call's arrival
+        metrics.gauge_from(metrics.INFLIGHT, self, lambda core: core._inflight)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -211,13 +212,11 @@ class EmbeddingCore:
             self._tasks.add(task)
         self._inflight += 1
         self._idle.clear()
-        metrics.INFLIGHT.inc()
         try:
             yield
         finally:
             self._tasks.discard(task)
             self._inflight -= 1
-            metrics.INFLIGHT.dec()
             if self._inflight == 0:
                 self._idle.set()
                 self._release_memory_if_due()
@@ -295,7 +294,7 @@ class EmbeddingCore:
                           start: float) -> EmbedResult:
         if self.draining:
             raise shutting_down()
-        options = output_options(model, request.options)
+        options = self._output_options(model, request.options)
         plan = chunk_plan(model, request.options.chunking)
         n = len(request.inputs)
         if n == 0:
@@ -336,6 +335,14 @@ class EmbeddingCore:
             raise
         results = await self._relay.gather([it.future for it in items])
         return _result(model, request, prepared, results, options, plan, preprocess_s, time.perf_counter() - start)
+
+    def _output_options(self, model: Model, requested: EmbedOptions) -> OutputOptions:
+        """`output_options`, remembered per model and option set (invalid sets raise and are not kept)."""
+        key = (model.name, requested.representation, requested.pooling, requested.normalize, requested.dtype)
+        options = self._options.get(key)
+        if options is None:
+            options = self._options[key] = output_options(model, requested)
+        return options
 
     def _check_response_size(self, model: Model, prepared: list[Prepared], options: OutputOptions,
                              plan: ChunkPlan | None) -> None:

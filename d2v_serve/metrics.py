@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -39,6 +41,18 @@ def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, looked up once: the per-request path skips prometheus_client's lock and checks.
     Only for bounded label values (model names, methods, stages, status codes)."""
     return metric.labels(*labels)
+
+
+def gauge_from(gauge: Any, owner: object, read: Callable[[Any], float]) -> None:
+    """The gauge reads `read(owner)` when scraped, instead of being set on every change (the request path updates
+    several per call); it reads 0 once `owner` is gone. The latest owner of a gauge wins."""
+    ref = weakref.ref(owner)
+
+    def value() -> float:
+        alive = ref()
+        return float(read(alive)) if alive is not None else 0.0
+
+    gauge.set_function(value)
 
 
 def serve_metrics(port: int, host: str) -> None:

@@ -31,10 +31,12 @@ class OutputOptions:
         h = np.asarray(hidden, dtype=np.float32)
         if self.pooling == "none":
             return [self.finish_vectors(h[i, :n]) for i, n in enumerate(positions)]
-        if self.pooling == "mean":
+        if self.pooling == "mean" and bool((positions == h.shape[1]).all()):
+            pooled = h.mean(axis=1)  # no padding in the batch (equal lengths): the cheaper plain mean
+        elif self.pooling == "mean":
             counts = np.maximum(positions, 1)[:, None]
             weights = (np.arange(h.shape[1]) < counts).astype(np.float32) / counts
-            pooled = np.matmul(weights[:, None, :], h)[:, 0]  # [inputs, hidden]: padded rows weigh 0
+            pooled = np.einsum("bl,bld->bd", weights, h)  # [inputs, hidden]: padded rows weigh 0
         else:
             pooled = h[:, 0]
         return list(self.finish_vectors(pooled))  # rows of one C-order array: each is C order itself

@@ -108,13 +108,14 @@ class TextPreprocessing:
         return results  # type: ignore[return-value] - every slot is filled
 
     def _encode(self, texts: list[str]) -> list[list[int] | PreprocessError]:
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads: ~20 % less
-        # CPU per short text, also for a batch of one
-        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        try:
-            return [e.ids for e in encode_batch(texts)]
-        except Exception:  # noqa: BLE001 - one bad text fails the call: find it below, one by one
-            pass
+        if len(texts) > 1:
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads. A single
+            # text goes to `encode` below: the batch calls hand even one text to their thread pool and back.
+            encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+            try:
+                return [e.ids for e in encode_batch(texts)]
+            except Exception:  # noqa: BLE001 - one bad text fails the call: find it below, one by one
+                pass
         out: list[list[int] | PreprocessError] = []
         for text in texts:
             try:
