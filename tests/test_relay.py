@@ -1,5 +1,6 @@
 """The hand-off of item results from worker threads to the event loop (d2v_serve/relay.py) and the preprocessing
-byte budget (core.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release."""
+byte budget (core.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release; the
+gauges read at scrape time."""
 
 from __future__ import annotations
 
@@ -151,3 +152,36 @@ def test_byte_budget_wait_can_be_cancelled() -> None:
         return budget.used + budget.waiting
 
     assert asyncio.run(main()) == 0
+
+
+def test_gauges_are_read_when_scraped_and_read_zero_once_their_owner_is_gone() -> None:
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from d2v_serve.batcher import Batcher, BatchPolicy
+
+    class NoRunner:
+        output_names = ["last_hidden_state", "output_mask"]
+
+    def depth() -> float | None:
+        return REGISTRY.get_sample_value("d2v_queue_depth", {"model": "gauge-test"})
+
+    batcher = Batcher("gauge-test", "text", NoRunner(), BatchPolicy())
+    batcher.reserve(3)
+    assert depth() == 3
+    batcher.release(2)
+    assert depth() == 1
+    del batcher
+    gc.collect()
+    assert depth() == 0
+
+    async def main() -> list[float | None]:
+        budget = ByteBudget(100)
+        seen = []
+        async with budget.hold(40):
+            seen.append(REGISTRY.get_sample_value("d2v_preprocess_bytes"))
+        seen.append(REGISTRY.get_sample_value("d2v_preprocess_bytes"))
+        return seen
+
+    assert asyncio.run(main()) == [40, 0]
