@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,7 @@ class _Waiter:
 
 
 class Relay:
-    """Bound to the event loop of its first `gather`; worker threads complete the items' concurrent futures."""
+    """Bound to the event loop of its latest `gather`; worker threads complete the items' concurrent futures."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -46,8 +45,10 @@ class Relay:
         too."""
         if not futures:
             return []
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or a new loop (the old one is gone, and with it its callers)
+            with self._lock:
+                self._loop, self._done, self._scheduled = loop, [], False
         waiter = _Waiter(self._loop.create_future(), len(futures))
         for f in futures:
             f.add_done_callback(lambda item, w=waiter: self._push(w, item))
@@ -74,8 +75,11 @@ class Relay:
             if self._scheduled:
                 return
             self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        try:
             self._loop.call_soon_threadsafe(self._flush)  # type: ignore[union-attr] - bound before any push
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            with self._lock:
+                self._done, self._scheduled = [], False
 
     def _flush(self) -> None:
         with self._lock:

@@ -185,3 +185,19 @@ def test_gauges_are_read_when_scraped_and_read_zero_once_their_owner_is_gone() -
         return seen
 
     assert asyncio.run(main()) == [40, 0]
+
+
+def test_a_relay_outlives_its_event_loop() -> None:
+    relay = Relay()
+
+    async def one(value: str) -> list[object]:
+        futures = _futures(1)
+        task = asyncio.ensure_future(relay.gather(futures))
+        await asyncio.sleep(0)
+        _complete_later(futures, [value]).join()
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(one("first")) == ["first"]
+    late = _futures(1)  # a result that lands after its loop closed is dropped, and does not block the next loop
+    relay._push(None, late[0])  # type: ignore[arg-type] - never settled: the loop is closed
+    assert asyncio.run(one("second")) == ["second"]
