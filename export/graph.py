@@ -113,6 +113,10 @@ def export_graph(module: _Exportable, cfg: EncoderConfig, opset: int = OPSET) ->
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
+    # the audio conv front end is traced channels last (MatMuls, no transposes); the torch reference stays Conv1d
+    front_ends = [m for m in module.modules() if hasattr(m, "channels_last_front_end")]
+    for m in front_ends:
+        m.channels_last_front_end = True
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
@@ -125,6 +129,8 @@ def export_graph(module: _Exportable, cfg: EncoderConfig, opset: int = OPSET) ->
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from e
     finally:
         registry_log.setLevel(level)
+        for m in front_ends:
+            m.channels_last_front_end = False
     model = program.model_proto
     clean(model, cfg.modality)
     return model

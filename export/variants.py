@@ -58,8 +58,8 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     of each fused Attention: one whose additive bias is only the padding mask takes that mask as its key mask and
     becomes onnxruntime's QAttention (int8 QKV GEMM written straight into per-head layout, then the attention core);
     one with more in its bias (the image's relative position bias), which QAttention has no input for, is unpacked
-    into its QKV MatMul (quantized) + Split + MultiHeadAttention. Quantizing the audio conv front end as well
-    (ConvInteger) ran ~2x slower than fp32 on CPU."""
+    into its QKV MatMul (quantized) + Split + MultiHeadAttention. The audio conv front end is exported as MatMuls
+    (see AudioEncoder.conv_features), so it is quantized as well."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = unpack_attention(attention_with_key_mask(model))
@@ -220,21 +220,30 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
             fuse_attention(fused)
         onnxscript.optimizer.optimize(fused)
     proto = ir.to_proto(fused)
-    _fold_weight_concats(proto)
+    _fold_weight_constants(proto)
     return proto
 
 
-def _fold_weight_concats(model: onnx.ModelProto) -> None:
-    """Store each packed QKV weight (a Concat of the three projections' initializers, which onnxscript's folding
-    leaves alone above its size limit) as one initializer, so the quantizer sees a constant MatMul weight."""
+def _fold_weight_constants(model: onnx.ModelProto) -> None:
+    """Store what onnxscript's folding leaves alone above its size limit as one initializer each, so the quantizer
+    sees constant MatMul weights: each packed QKV weight (a Concat of the three projections' initializers) and each
+    audio conv weight in MatMul form (a Reshape of the permuted kernel)."""
     inits = {init.name: init for init in model.graph.initializer}
     uses = Counter(name for node in model.graph.node for name in node.input)
     for node in list(model.graph.node):
-        if node.op_type != "Concat" or node.domain or not all(name in inits for name in node.input):
+        if node.op_type not in ("Concat", "Reshape") or node.domain or not all(n in inits for n in node.input):
             continue
-        axis = next(a.i for a in node.attribute if a.name == "axis")
         arrays = [onnx.numpy_helper.to_array(inits[name]) for name in node.input]
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate(arrays, axis), node.output[0]))
+        if node.op_type == "Concat":
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            folded = np.concatenate(arrays, axis)
+        else:
+            literal_zeros = any(a.name == "allowzero" and a.i for a in node.attribute)
+            if 0 in arrays[1] and not literal_zeros:
+                continue  # this 0 copies an input dimension: leave it to the runtime
+            folded = arrays[0].reshape(arrays[1])
+        model.graph.initializer.append(onnx.numpy_helper.from_array(folded, node.output[0]))
+        inits[node.output[0]] = model.graph.initializer[-1]
         model.graph.node.remove(node)
         for name in node.input:
             uses[name] -= 1

@@ -189,3 +189,24 @@ def test_what_d2v_cannot_represent_is_refused_in_one_line(tmp_path, builder, mod
     with pytest.raises(HFImportError) as e:
         import_hf(hf_dir)
     assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_audio_channels_last_front_end_computes_the_conv1d_front_end(conv_bias):
+    """Export traces the conv feature encoder channels last (each conv one MatMul over gathered frames); eager runs
+    Conv1d. Same weights, same frames, for every length from the receptive field up."""
+    from d2v.training.models import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig.preset("audio", "tiny", conv_bias=conv_bias)).eval()
+    for length in (400, 401, 719, 3201, 16000):
+        wave = torch.randn(2, length)
+        with torch.no_grad():
+            eager = encoder.conv_features(wave)
+            encoder.channels_last_front_end = True
+            try:
+                matmul = encoder.conv_features(wave)
+            finally:
+                encoder.channels_last_front_end = False
+        assert matmul.shape == eager.shape
+        torch.testing.assert_close(matmul, eager, atol=1e-5, rtol=1e-5)

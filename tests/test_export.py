@@ -389,26 +389,34 @@ def test_opset_below_dynamo_minimum_is_refused_before_any_work(checkpoints, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_packed_qkv_weight_concat_becomes_one_initializer_that_int8_quantizes():
-    """Above onnxscript's folding limit the packed QKV weight stays a Concat of three initializers: export stores it
-    as one, so the quantizer sees a constant MatMul weight (a big model's QKV projection would stay float32)."""
+@pytest.mark.parametrize("weight", ["packed-qkv", "conv-kernel"])
+def test_constant_weight_becomes_one_initializer_that_int8_quantizes(weight):
+    """Above onnxscript's folding limit a MatMul weight can stay an op on initializers: the packed QKV weight (a
+    Concat of three) and the audio front end's conv kernel in MatMul form (a Reshape of the permuted kernel). Export
+    stores each as one initializer, so the quantizer sees a constant weight (it would stay float32)."""
     from onnx import helper, numpy_helper
 
-    from d2v.export.variants import _fold_weight_concats, to_int8
+    from d2v.export.variants import _fold_weight_constants, to_int8
 
     rng = np.random.default_rng(0)
-    parts = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in "qkv"]
+    if weight == "packed-qkv":
+        inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in "qkv"]
+        node = helper.make_node("Concat", ["q", "k", "v"], ["w"], axis=1)
+    else:  # [kernel, C_in, C_out] -> [kernel * C_in, C_out]
+        inits = [numpy_helper.from_array(rng.standard_normal((3, 8, 24)).astype(np.float32), "kernel"),
+                 numpy_helper.from_array(np.array([24, 24], np.int64), "shape")]
+        node = helper.make_node("Reshape", ["kernel", "shape"], ["w"], allowzero=1)
+    x_width = 8 if weight == "packed-qkv" else 24
     graph = helper.make_graph(
-        [helper.make_node("Concat", ["q", "k", "v"], ["qkv_weight"], axis=1),
-         helper.make_node("MatMul", ["x", "qkv_weight"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])], parts)
+        [node, helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", x_width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    x = rng.standard_normal((3, 8)).astype(np.float32)
+    x = rng.standard_normal((3, x_width)).astype(np.float32)
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    _fold_weight_concats(model)
+    _fold_weight_constants(model)
     assert [n.op_type for n in model.graph.node] == ["MatMul"]
-    assert [i.name for i in model.graph.initializer] == ["qkv_weight"]
+    assert [i.name for i in model.graph.initializer] == ["w"]
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(before[0], after[0])
     assert "MatMul" not in {n.op_type for n in to_int8(model).graph.node}
