@@ -42,9 +42,12 @@ EXTRA = {"audio": dict(conv_layers=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2
          "image": dict(image_size=32, patch_size=8), "text": dict(vocab_size=60, max_positions=40)}
 
 
-def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed: int = 0) -> Data2Vec2:
+def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed: int = 0,
+                   cls_loss: float | None = None) -> Data2Vec2:
     """The trainer's construction, from the data2vec2 defaults table, on a small random encoder."""
     cfg = defaults(modality, "data2vec2")
+    if cls_loss is not None:
+        cfg["cls_loss"] = cls_loss
     cfg["steps"] = 10
     resolve_derived(cfg, SMALL["hidden_size"], 16)
     torch.manual_seed(seed)
@@ -189,6 +192,7 @@ def test_tiny_image_defaults_scale_the_kept_patches_and_decoder_width():
     assert cfg["masking"]["keep_patches"] == round(39 / 196 * 64) and cfg["decoder"]["dim"] == 64
     audio = resolve_derived({**defaults("audio", "data2vec2"), "steps": 10}, 384, None)
     assert audio["decoder"]["dim"] == 192 and audio["masking"]["num_masks"] == 8
+    assert cfg["masking"]["num_masks"] == 4 and cfg["cls_loss"] == 0.0  # tuned for short tiny runs (defaults.py)
 
 
 # ------------------------------------------------------------------------------------------------ the objective
@@ -218,7 +222,8 @@ def test_decoder_shapes_per_modality(modality):
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
     m = 3
-    obj = make_objective(modality, num_masks=m, noise=0.0).eval()
+    # image: the reference's CLS weight (the defaults leave the term out), so that the loop checks it too
+    obj = make_objective(modality, num_masks=m, noise=0.0, cls_loss=0.01 if modality == "image" else None).eval()
     cfg = defaults(modality, "data2vec2")
     batch = make_batch(modality, cfg["masking"], m)
     calls = {"teacher": [], "student": []}
@@ -246,7 +251,7 @@ def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
                 for t in np.flatnonzero(mask[r].numpy()):
                     total += float(((pred[t] - y[t]) ** 2).sum()) * obj.loss_spec.scale
                     count += 1
-                if obj.cls_loss:
+                if prefix:
                     cls_total += float(((h[0] - y.mean(0)) ** 2).sum()) * obj.loss_spec.scale
     assert out.stats["masked"].item() == count == int(mask.sum())
     assert out.loss.item() == pytest.approx(total / count + obj.cls_loss * cls_total, rel=1e-4)

@@ -105,7 +105,13 @@ class Data2Vec2(Data2Vec):
         count = mask.sum()
         loss = regression_loss(pred, target, self.loss_spec).sum() / count.clamp_min(1)
         if self.cls_loss > 0 and prefix:
-            # the reference's CLS term: the CLS output regresses the mean patch target, summed over the batch
+            # The reference's CLS term (fairseq examples/data2vec/models/data2vec2.py): d2v_loss(CLS output, mean
+            # patch target) x cls_loss x sample_size, where sample_size counts the masked positions of all B x M
+            # rows; fairseq's criterion sums every term and the trainer divides the gradient by sample_size. So the
+            # regression term is a mean over masked positions and the CLS term cls_loss x a SUM over the B x M rows
+            # (under DDP: over one rank's rows, 16 x 16 = 256 at the reference image setup, as here at batch 16,
+            # M 16). In a short `tiny` run this term dominates the loss and costs probe accuracy (docs/quality.md,
+            # "data2vec 2.0"), hence cls_loss 0 in the defaults.
             cls_target = y[:, prefix:].mean(1).repeat_interleave(m, 0)
             loss = loss + self.cls_loss * regression_loss(h[:, 0].float(), cls_target, self.loss_spec).sum()
         stats = {"target_var": spread(target), "pred_var": spread(pred.detach()), "masked": count.detach()}
