@@ -16,6 +16,8 @@ Two candidates are diagnostics, not data2vec recipes, run through this script's 
   data: does a known-good objective find the topics in this budget?
 - `bn-fast-ema`: each target layer normalised per channel over all the batch's tokens (unlike the instance norm,
   it keeps what is constant within a document, e.g. its topic, and it forbids a collapse), with a fast EMA.
+- `both-heads`: data2vec's term (the head on each masked position's output) plus the same head on the item's pooled
+  visible outputs (`head_input=document`), summed: the short recipe's document head beside, not instead of, data2vec's.
 - `pooled-*`: a document-level term beside data2vec's (or, `pooled-only`, instead of it): the student's mean-pooled
   output, through the head, regresses the teacher's mean-pooled target (data2vec 2.0's CLS term for images, made
   for mean pooling); with whole sentences masked, the missing part of the document's target is what the visible
@@ -50,6 +52,10 @@ STEPS = 1000
 FULL = 12000
 D2V2 = ["--objective", "data2vec2"]
 SPAN8 = ["--set", "masking.mask_span=8"]
+# a teacher frozen at its initial weights with its own embeddings: fixed, nearly random codes per token
+FROZEN = ["--set", "teacher.copy=[]", "--set", "ema_decay=1.0", "--set", "ema_end_decay=1.0"]
+DOC_HEAD = ["--set", "head_input=document"]
+EMB_LR = ["--set", "embed_lr_scale=15"]
 # name -> (extra d2v-train arguments, training variant or None, updates)
 CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
     "defaults": ([], None, STEPS),
@@ -59,18 +65,33 @@ CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
     "l2-loss": (["--set", "loss_beta=0"], None, STEPS),
     "warmup-10pct": (["--set", "warmup_frac=0.1"], None, STEPS),
     "wd-0.1": (["--set", "weight_decay=0.1"], None, STEPS),
-    "emb-lr-x5": ([], "emb_lr", STEPS),
+    "emb-lr-x5": (["--set", "embed_lr_scale=5"], None, STEPS),
     "bn-fast-ema": (["--set", "ema_decay=0.99", "--set", "ema_end_decay=0.999", "--set", "ema_anneal_steps=1000"],
                     "bn", STEPS),
     "pooled-span8-p50": (SPAN8 + ["--set", "masking.mask_prob=0.5"], "pooled:1", STEPS),
     # without the token term nothing keeps the token targets apart: the guard stops it at update 640, so it is off
     "pooled-only-span8-p50": (SPAN8 + ["--set", "masking.mask_prob=0.5", "--set", "guard.after=1000000"],
                               "pooled:1:0", 600),
+    # fourth round: the short recipe's three changes, alone, in pairs and together (d2v-train --recipe short)
+    "doc-head-3000": (DOC_HEAD, None, 3000),
+    "doc-head+token-3000": ([], "both-heads", 3000),
+    "emb-lr-x15-3000": (EMB_LR, None, 3000),
+    "doc-head+emb-lr-x15-3000": (DOC_HEAD + EMB_LR, None, 3000),
+    "own-emb+doc-head+emb-lr-x15-3000": (["--set", "teacher.copy=[]"] + DOC_HEAD + EMB_LR, None, 3000),
+    "frozen-3000": (FROZEN, None, 3000),
+    "frozen+doc-head-3000": (FROZEN + DOC_HEAD, None, 3000),
+    "frozen+emb-lr-x15-3000": (FROZEN + EMB_LR, None, 3000),
+    "frozen+doc-head+emb-lr-x15-3000": (FROZEN + DOC_HEAD + EMB_LR, None, 3000),
+    "frozen+doc-head+emb-lr-x15-12000": (FROZEN + DOC_HEAD + EMB_LR, None, FULL),
+    "frozen+doc-head+lr1e-3-3000": (FROZEN + DOC_HEAD + ["--lr", "1e-3"], None, 3000),
+    "frozen+both-heads+emb-lr-x15-3000": (FROZEN + EMB_LR, "both-heads", 3000),
+    "short-3000": (["--recipe", "short"], None, 3000),
+    "short-12000": (["--recipe", "short"], None, FULL),
     "mlm-lr2e-4": ([], "mlm", STEPS),
     "mlm-lr1e-3-3000": (["--lr", "1e-3"], "mlm", 3000),
     # a whole "10 minutes of one core" run (12000 updates: 510-600 CPU s here)
     "defaults-12000": ([], None, FULL),
-    "emb-lr-x5-12000": ([], "emb_lr", FULL),
+    "emb-lr-x5-12000": (["--set", "embed_lr_scale=5"], None, FULL),
     "mlm-lr1e-3-12000": (["--lr", "1e-3"], "mlm", FULL),
     "d2v2": (D2V2, None, STEPS),
     "d2v2-layer-norm": (D2V2 + ["--set", "model.target_norm=layer"], None, STEPS),
@@ -183,11 +204,19 @@ def pooled_weights(variant: str) -> tuple[float, float]:
 
 
 def train_variant(variant: str, argv: list[str]) -> int:
-    """d2v-train with one diagnostic change (see the module docstring)."""
+    """d2v-train with diagnostic changes, '+'-separated (see the module docstring)."""
+    from d2v.training import cli
+
+    for part in variant.split("+"):
+        apply_variant(part)
+    return cli.main(argv)
+
+
+def apply_variant(variant: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from d2v.training import cli, objective, targets, trainer
+    from d2v.training import objective, targets
 
     if variant == "mlm":
         def mlm_forward(self, inputs, mask, student_inputs=None):  # noqa: ANN001, ANN202
@@ -231,30 +260,23 @@ def train_variant(variant: str, argv: list[str]) -> int:
             return objective.StepOutput(loss, stats)
 
         objective.Data2Vec.forward = pooled_forward
-    elif variant == "emb_lr":  # the token embeddings at 5x the scheduled lr
-        build_optimizer = trainer.Trainer._optimizer
+    elif variant == "both-heads":  # data2vec's position term + the document term (head_input=document), summed
+        def both_forward(self, inputs, mask, student_inputs=None):  # noqa: ANN001, ANN202
+            x, valid = self.student.embed(**student_inputs)
+            y = self.targets(inputs, x, valid)
+            h = self.student.encode(x, valid).last_hidden_state
+            seen = (valid & ~mask).unsqueeze(-1).to(h.dtype)
+            pooled = ((h * seen).sum(1) / seen.sum(1).clamp_min(1))[mask.nonzero(as_tuple=True)[0]]
+            pred, doc_pred, target = self.head(h[mask]).float(), self.head(pooled).float(), y[mask]
+            count = mask.sum().clamp_min(1)
+            loss = sum(objective.regression_loss(p, target, self.loss_spec).sum() for p in (pred, doc_pred)) / count
+            stats = {"target_var": objective.spread(target), "pred_var": objective.spread(pred.detach()),
+                     "masked": mask.sum()}
+            return objective.StepOutput(loss, stats)
 
-        def optimizer(self):  # noqa: ANN001, ANN202
-            opt = build_optimizer(self)
-            emb = self.objective.student.token_embed.weight
-            group = next(g for g in opt.param_groups if any(p is emb for p in g["params"]))
-            group["params"] = [p for p in group["params"] if p is not emb]
-            opt.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": [emb],
-                                 "lr_mult": 5.0})
-            step = opt.step
-
-            def scaled_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                for g in opt.param_groups:
-                    g["lr"] *= g.get("lr_mult", 1.0)
-                return step(*args, **kwargs)
-
-            opt.step = scaled_step
-            return opt
-
-        trainer.Trainer._optimizer = optimizer
+        objective.Data2Vec.forward = both_forward
     else:
         sys.exit(f"text_screen: unknown training variant {variant!r}")
-    return cli.main(argv)
 
 
 # ---------------------------------------------------------------------------------------------------- runs

@@ -240,3 +240,31 @@ def test_default_loss_scale_is_one_over_sqrt_dim():
     inputs, mask, _, _ = make_batch("audio", torch.Generator().manual_seed(4))
     unscaled = make_objective("audio", scale=1.0).eval()(inputs, mask).loss
     assert obj(inputs, mask).loss.item() == pytest.approx(unscaled.item() / math.sqrt(32), rel=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_document_head_input_is_the_mean_of_the_visible_outputs(modality):
+    """head_input="document": each masked position's head input is the mean of the student's outputs at the other
+    (visible, non-padded) positions of its item, written here as a loop."""
+    obj = make_objective(modality, head_input="document").eval()
+    inputs, mask, student_inputs, frames = make_batch(modality, torch.Generator().manual_seed(3))
+    x, valid = obj.student.embed(**(student_inputs or inputs))
+    if obj.spec.mask_param is not None:
+        x = torch.where(mask.unsqueeze(-1), getattr(obj.student, obj.spec.mask_param), x)
+    h = obj.student.encode(x, valid).last_hidden_state
+    h = h[:, h.shape[1] - mask.shape[1]:]
+    rows = obj.head_inputs(h, mask, valid)
+    expected = []
+    for i in range(mask.shape[0]):
+        seen = [h[i, j] for j in range(frames[i]) if not mask[i, j]]
+        mean = sum(seen) / len(seen)
+        expected += [mean] * int(mask[i].sum())
+    torch.testing.assert_close(rows, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    loss = obj(inputs, mask, student_inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and obj.student.transformer.layers[0].attn.v.weight.grad.abs().sum() > 0
+
+
+def test_head_input_must_be_known():
+    with pytest.raises(ValueError, match="head_input must be one of position, document"):
+        make_objective("text", head_input="cls")

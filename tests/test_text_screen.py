@@ -35,11 +35,12 @@ def test_man_paragraphs_keep_the_description_as_plain_text():
 def test_every_candidate_names_known_config_keys():
     for name, (extra, variant, steps) in text_screen.CANDIDATES.items():
         objective = extra[extra.index("--objective") + 1] if "--objective" in extra else "data2vec"
-        cfg = defaults("text", objective)
+        recipe = extra[extra.index("--recipe") + 1] if "--recipe" in extra else None
+        cfg = defaults("text", objective, recipe)
         for flag, value in zip(extra, extra[1:], strict=False):
             if flag == "--set":
                 set_path(cfg, value)  # raises ConfigError on an unknown key or a wrong type
-        assert variant in (None, "mlm", "bn", "emb_lr") or text_screen.pooled_weights(variant), name
+        assert variant in (None, "mlm", "bn", "both-heads") or text_screen.pooled_weights(variant), name
         assert steps > 0
 
 

@@ -253,6 +253,48 @@ def test_config_layers_and_errors(tmp_path, data, capsys):
     assert main(["--data", "x", "--steps", "1", "--out", str(tmp_path / "none")]) == 2  # no modality, no resume
 
 
+def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
+    base = ["--modality", "text", "--data", str(data["text"]), "--steps", "10", "--out", str(tmp_path / "o")]
+    assert main(base + ["--recipe", "short", "--set", "embed_lr_scale=10", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["recipe"] == "short" and cfg["head_input"] == "document" and cfg["embed_lr_scale"] == 10.0
+    assert cfg["ema_decay"] == cfg["ema_end_decay"] == 0.99999 and cfg["teacher"]["copy"] == []
+    assert cfg["lr"] == defaults("text")["lr"]  # what the recipe does not name stays the modality's
+    assert main(base + ["--set", "recipe=short", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["head_input"] == "document"
+    for image_or_audio in ("image", "audio"):  # their defaults already learn in short runs
+        assert {k: v for k, v in defaults(image_or_audio, recipe="short").items() if k != "recipe"} == \
+            {k: v for k, v in defaults(image_or_audio).items() if k != "recipe"}
+    for bad, says in ((["--recipe", "short", "--objective", "data2vec2"], "recipe 'short' is for --objective data2vec"),
+                      (["--set", "recipe=long"], "unknown recipe 'long'"),
+                      (["--set", "head_input=cls"], "head_input must be 'position' or 'document'"),
+                      (["--objective", "data2vec2", "--set", "head_input=document"], "head_input 'document' is"),
+                      (["--set", "embed_lr_scale=0"], "embed_lr_scale must be a positive number")):
+        assert main(base + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], (bad, err)
+    image = ["--modality", "image", "--data", str(data["image"]), "--steps", "10", "--out", str(tmp_path / "i")]
+    assert main(image + ["--set", "embed_lr_scale=2"]) == 2
+    assert "text models only" in capsys.readouterr().err
+
+
+def test_short_recipe_trains_with_a_slow_teacher_and_faster_embeddings(tmp_path, data):
+    out = tmp_path / "short"
+    assert main(args_for("text", data, out, 6, "--recipe", "short")) == 0
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["training"]["config"]["recipe"] == "short"
+    initial = Trainer(dict(ckpt["training"]["config"], steps=6, out=str(tmp_path / "again")))
+    teacher, start = ckpt["training"]["teacher"], initial.objective.teacher.model.state_dict()
+    assert all(torch.allclose(teacher[k], v, atol=1e-6) for k, v in start.items())  # its own embeddings, EMA 0.99999
+    moved = ckpt["model"]["token_embed.weight"] - initial.objective.student.token_embed.weight
+    assert moved.abs().max() > 1e-3
+    initial.train_step()
+    lrs = {g.get("lr_scale", 1.0): g["lr"] for g in initial.optimizer.param_groups}
+    assert lrs[15.0] == pytest.approx(15.0 * lrs[1.0]) and lrs[1.0] > 0
+    rows = read_metrics(out)
+    assert len(rows) == 6 and all(np.isfinite(r["loss"]) for r in rows)
+
+
 def test_data_problems_are_one_line_errors(tmp_path, capsys):
     code = main(["--modality", "image", "--data", str(tmp_path / "missing"), "--steps", "2", "--out",
                  str(tmp_path / "o"), "--no-progress"])

@@ -23,14 +23,14 @@ from d2v_serve.preprocess import PreprocessError
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint
 from .data_sources import DataError
-from .defaults import MODALITY, OBJECTIVES, ConfigError, check, defaults, load_config_file, merge, set_path
+from .defaults import MODALITY, OBJECTIVES, RECIPES, ConfigError, check, defaults, load_config_file, merge, set_path
 from .models import PRESETS
 from .trainer import CKPT_NAME, CollapseError, Trainer
 
 # flag -> config key path
 FLAGS = {"preset": "preset", "steps": "steps", "data": "data.path", "init": "init", "seed": "seed",
          "device": "device", "precision": "precision", "batch_size": "batch_size", "lr": "lr", "accum": "accum",
-         "save_every": "save_every", "log_every": "log_every", "objective": "objective"}
+         "save_every": "save_every", "log_every": "log_every", "objective": "objective", "recipe": "recipe"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from this d2v checkpoint (e.g. d2v-import-hf output)")
     p.add_argument("--objective", choices=sorted(OBJECTIVES),
                    help="data2vec (default) or data2vec2: encode visible positions only, conv decoder, M masks")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="overrides for a kind of run: short = a few thousand updates of tiny/small (docs/quality.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
@@ -70,16 +72,20 @@ def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str
         if args.modality and args.modality != cfg["modality"]:
             raise ConfigError(f"{args.out} holds a {cfg['modality']} run; --modality {args.modality} does not match")
         cfg["stop_at"] = None  # an invocation setting, not part of the run
-        cfg.setdefault("objective", "data2vec")  # checkpoints from before data2vec2
-        objective = cfg["objective"]
+        for key, value in (("objective", "data2vec"), ("recipe", None), ("head_input", "position"),
+                           ("embed_lr_scale", 1.0)):
+            cfg.setdefault(key, value)  # checkpoints from before these keys
+        objective, recipe = cfg["objective"], cfg["recipe"]
     elif not args.modality:
         raise ConfigError("--modality is required when starting a run")
     else:
-        objective = requested_objective(args)
-        cfg = defaults(args.modality, objective)
+        objective, recipe = requested(args, "objective", "data2vec"), requested(args, "recipe", None)
+        cfg = defaults(args.modality, objective, recipe)
     apply_overrides(cfg, args)
     if cfg["objective"] != objective:
         raise ConfigError(f"objective {cfg['objective']!r} cannot change in a resumed run (it is {objective!r})")
+    if cfg["recipe"] != recipe:
+        raise ConfigError(f"recipe {cfg['recipe']!r} cannot change in a resumed run (it is {recipe!r})")
     cfg["out"] = str(args.out)
     if args.no_progress:
         cfg["progress"] = False
@@ -87,18 +93,18 @@ def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str
     return cfg
 
 
-def requested_objective(args: argparse.Namespace) -> str:
-    """The objective chosen by the config file, --objective or --set objective=..., later winning: it picks the
-    defaults table the rest of the overrides apply to."""
-    probe: dict[str, Any] = {"objective": "data2vec"}
+def requested(args: argparse.Namespace, key: str, default: str | None) -> str | None:
+    """The objective (or recipe) chosen by the config file, the flag or --set KEY=..., later winning: it picks the
+    defaults the rest of the overrides apply to."""
+    probe: dict[str, Any] = {key: default}
     if args.config:
-        probe["objective"] = load_config_file(args.config).get("objective", probe["objective"])
-    if args.objective:
-        probe["objective"] = args.objective
+        probe[key] = load_config_file(args.config).get(key, probe[key])
+    if getattr(args, key):
+        probe[key] = getattr(args, key)
     for assignment in args.set:
-        if assignment.partition("=")[0].strip() == "objective":
+        if assignment.partition("=")[0].strip() == key:
             set_path(probe, assignment)
-    return str(probe["objective"])
+    return None if probe[key] is None else str(probe[key])
 
 
 def apply_overrides(cfg: dict[str, Any], args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 COMMON: dict[str, Any] = {
     "modality": None,
     "objective": "data2vec",  # data2vec | data2vec2 (encode the visible positions only, conv decoder, M masks)
+    "recipe": None,  # None | a RECIPES name: overrides for a kind of run, on top of the objective's defaults
     "preset": "tiny",
     "steps": None,  # optimizer updates
     "out": None,
@@ -50,6 +51,10 @@ COMMON: dict[str, Any] = {
     "loss_scale": None,  # None: 1 / sqrt(hidden_size)
     "loss_reduce": "sum",  # over dims per masked position: sum | mean
     "head_layers": 1,  # 1: Linear(D, D); 2: Linear(D, 2D) -> GELU -> Linear(2D, D)
+    # what the head reads for a masked position: "position" (data2vec: the student's output there) or "document"
+    # (the mean of the student's outputs at the item's visible positions: the short text recipe; data2vec only)
+    "head_input": "position",
+    "embed_lr_scale": 1.0,  # text: the token embeddings step at this multiple of the scheduled lr
     "target_layers_of_12": None,  # top-K target layers per 12, scaled to the depth; None: the modality's data2vec K
     "teacher": {
         "drop": [],  # student parts the teacher leaves out
@@ -191,6 +196,25 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
 }
+# Recipes: overrides for a kind of run, applied on top of the modality's (and objective's) defaults.
+# "short": a few thousand updates of a small model on a small corpus (docs/quality.md). Image and audio defaults
+# learn in such runs as they are. Text needs three changes together (each alone, or any two, does not help):
+# - a teacher that stays near its initial weights, with token embeddings of its own: EMA 0.99999 throughout
+#   (data2vec 2.0's final decay), so the targets are fixed codes of the tokens in context; a teacher sharing the
+#   student's embeddings moves every target with them;
+# - every masked target predicted from the mean of the item's visible outputs (what a mean-pooled probe reads),
+#   not from the position's own output, which learns the sentence's syntax first;
+# - token embeddings stepped at 15x the lr: words that share contexts must move together from the 0.02 init.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "short": {
+        "audio": {},
+        "image": {},
+        "text": {"head_input": "document", "embed_lr_scale": 15.0, "ema_decay": 0.99999, "ema_end_decay": 0.99999,
+                 "teacher": {"copy": []}},
+    },
+}
+RECIPE_OBJECTIVES = {"short": ("data2vec",)}
+
 DECODER_WIDTH_AT_768 = {"audio": 384, "image": 768, "text": 768}
 INVERSE_KEEP_FRACTION = 39 / 196
 
@@ -202,7 +226,7 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used (one-line message)."""
 
 
-def defaults(modality: str, objective: str = "data2vec") -> dict[str, Any]:
+def defaults(modality: str, objective: str = "data2vec", recipe: str | None = None) -> dict[str, Any]:
     if modality not in MODALITY:
         raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITY)}")
     if objective not in OBJECTIVES:
@@ -213,7 +237,13 @@ def defaults(modality: str, objective: str = "data2vec") -> dict[str, Any]:
         if section in table:
             cfg[section] = table.pop(section)
     merge(cfg, table, strict=False)
-    cfg["modality"], cfg["objective"] = modality, objective
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+        if objective not in RECIPE_OBJECTIVES[recipe]:
+            raise ConfigError(f"recipe {recipe!r} is for --objective {' or '.join(RECIPE_OBJECTIVES[recipe])}")
+        merge(cfg, copy.deepcopy(RECIPES[recipe][modality]))
+    cfg["modality"], cfg["objective"], cfg["recipe"] = modality, objective, recipe
     return cfg
 
 
@@ -313,6 +343,14 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg['objective']!r}")
     if not (isinstance(cfg["lr"], int | float) and cfg["lr"] > 0):
         raise ConfigError(f"lr must be a positive number, got {cfg['lr']!r}")
+    if cfg["head_input"] not in ("position", "document"):
+        raise ConfigError(f"head_input must be 'position' or 'document', got {cfg['head_input']!r}")
+    if cfg["head_input"] != "position" and cfg.get("objective", "data2vec") != "data2vec":
+        raise ConfigError("head_input 'document' is a data2vec option; data2vec2's decoder reads positions")
+    if not cfg["embed_lr_scale"] > 0:
+        raise ConfigError(f"embed_lr_scale must be a positive number, got {cfg['embed_lr_scale']!r}")
+    if cfg["embed_lr_scale"] != 1.0 and cfg["modality"] != "text":
+        raise ConfigError("embed_lr_scale scales the token embeddings' lr: text models only")
 
 
 def _coerce(path: str, default: Any, value: Any) -> Any:

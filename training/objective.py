@@ -21,6 +21,7 @@ from .ema import EMATeacher
 from .targets import target_representation
 
 VAR_EPS = 1e-6
+HEAD_INPUTS = ("position", "document")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LossSpec:
     scale: float | None = None  # None: 1 / sqrt(D)
     reduce: str = "sum"  # over dims per position: "sum" or "mean"
     head_layers: int = 1  # 1: Linear(D, D); 2: Linear(D, 2D) -> GELU -> Linear(2D, D)
+    head_input: str = "position"  # what the head reads for a masked position: see Data2Vec.head_inputs
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Data2Vec(nn.Module):
         super().__init__()
         if loss.reduce not in ("sum", "mean"):
             raise ValueError(f"loss reduce must be 'sum' or 'mean', got {loss.reduce!r}")
+        if loss.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {', '.join(HEAD_INPUTS)}, got {loss.head_input!r}")
         self.student = student
         self.cfg = student.cfg
         self.spec = teacher
@@ -109,13 +113,24 @@ class Data2Vec(nn.Module):
             x = torch.where(mask.unsqueeze(-1), fill, x)
         h = self.student.encode(x, valid).last_hidden_state
         prefix = h.shape[1] - mask.shape[1]  # image: the CLS token comes first; patch i is position i + 1
-        h, y = h[:, prefix:][mask], y[:, prefix:][mask]
+        h, y = self.head_inputs(h[:, prefix:], mask, valid), y[:, prefix:][mask]
         pred = self.head(h).float()
         per_pos = regression_loss(pred, y, self.loss_spec)
         count = mask.sum()
         loss = per_pos.sum() / count.clamp_min(1)
         stats = {"target_var": spread(y), "pred_var": spread(pred.detach()), "masked": count.detach()}
         return StepOutput(loss, stats)
+
+    def head_inputs(self, h: Tensor, mask: Tensor, valid: Tensor | None) -> Tensor:
+        """[N, D], one row per masked position. "position" (data2vec): the student's output there. "document": the
+        mean of the student's outputs at its item's visible positions, the same row for every masked position of
+        the item, so the pooled vector itself must say what the masked parts hold (the short text recipe)."""
+        if self.loss_spec.head_input == "position":
+            return h[mask]
+        seen = ~mask if valid is None else valid & ~mask
+        weights = seen.unsqueeze(-1).to(h.dtype)
+        pooled = (h * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return pooled[mask.nonzero(as_tuple=True)[0]]
 
     @torch.no_grad()
     def update_teacher(self, decay: float) -> None:

@@ -73,7 +73,7 @@ class Trainer:
         teacher_spec = TeacherSpec(tuple(t["drop"]), tuple(t["copy"]), bool(t["reads_student_features"]),
                                    t["mask_param"])
         loss_spec = LossSpec(float(cfg["loss_beta"]), float(cfg["loss_scale"]), cfg["loss_reduce"],
-                             int(cfg["head_layers"]))
+                             int(cfg["head_layers"]), cfg["head_input"])
         self.objective = self._objective(student, teacher_spec, loss_spec)  # head / decoder initialised here (seeded)
         if resume is not None:
             self.objective.load_training_state(resume["training"])
@@ -164,6 +164,11 @@ class Trainer:
         cfg = self.cfg
         groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
                   {"params": no_decay, "weight_decay": 0.0}]
+        scale = float(cfg["embed_lr_scale"])
+        if scale != 1.0:  # the token embeddings in a group of their own, stepped at scale x the scheduled lr
+            embed = self.objective.student.token_embed.weight
+            decay.remove(embed)
+            groups.append({"params": [embed], "weight_decay": float(cfg["weight_decay"]), "lr_scale": scale})
         return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), eps=float(cfg["eps"]),
                                  **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
 
@@ -222,7 +227,7 @@ class Trainer:
         accum = cfg["accum"]
         lr = learning_rate(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         items = 0
