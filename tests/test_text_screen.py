@@ -1,11 +1,14 @@
-"""bench/text_screen.py's pieces that need no training: the man-page paragraph reader, the candidates' config keys,
-the bar chart."""
+"""bench/text_screen.py's pieces that need no training (the man-page paragraph reader, the candidates' config keys,
+the bar chart), and bench/text_bag.py's bag-of-words model on a small generated corpus."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bench import text_screen
+from bench import text_bag, text_screen
+from bench.quality import build_text
 from d2v.training.defaults import defaults, set_path
 
 PAGE = r""".\" Copyright line, never text
@@ -63,3 +66,14 @@ def test_plot_draws_one_bar_per_result(tmp_path):
                {"name": "better", "pretrained": {"last": 0.60}, "initial": {"last": 0.47}}]
     text_screen.plot(results, tmp_path / "screen.png")
     assert (tmp_path / "screen.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("objective", text_bag.OBJECTIVES)
+def test_bag_model_trains_and_probes_each_objective(tmp_path, objective):
+    train_path, labelled_path = build_text(tmp_path, n_train=300, n_eval=120)
+    train = train_path.read_text(encoding="utf-8").splitlines()
+    labelled = [json.loads(line) for line in labelled_path.read_text(encoding="utf-8").splitlines()]
+    curve = text_bag.train_bag(objective, train, labelled, steps=60, probe_every=30)
+    assert [c["step"] for c in curve] == [0, 30, 60] and {c["objective"] for c in curve} == {objective}
+    assert all(0 < c["probe"] <= 1 for c in curve)
+    assert text_bag.train_bag(objective, train, labelled, steps=60, probe_every=30) == curve  # seeded: repeatable
