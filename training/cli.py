@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=sorted(OBJECTIVES),
                    help="data2vec (default) or data2vec2: encode visible positions only, conv decoder, M masks")
     p.add_argument("--recipe", choices=sorted(RECIPES),
-                   help="overrides for a kind of run: short = a few thousand updates of tiny/small (docs/quality.md)")
+                   help="run-kind overrides: short = a few thousand updates of a small model (docs/quality.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)

@@ -215,6 +215,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 RECIPE_OBJECTIVES = {"short": ("data2vec",)}
 
+HEAD_INPUTS = ("position", "document")  # Data2Vec.head_inputs
 DECODER_WIDTH_AT_768 = {"audio": 384, "image": 768, "text": 768}
 INVERSE_KEEP_FRACTION = 39 / 196
 
@@ -343,7 +344,7 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg['objective']!r}")
     if not (isinstance(cfg["lr"], int | float) and cfg["lr"] > 0):
         raise ConfigError(f"lr must be a positive number, got {cfg['lr']!r}")
-    if cfg["head_input"] not in ("position", "document"):
+    if cfg["head_input"] not in HEAD_INPUTS:
         raise ConfigError(f"head_input must be 'position' or 'document', got {cfg['head_input']!r}")
     if cfg["head_input"] != "position" and cfg.get("objective", "data2vec") != "data2vec":
         raise ConfigError("head_input 'document' is a data2vec option; data2vec2's decoder reads positions")

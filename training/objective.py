@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .defaults import HEAD_INPUTS
 from .ema import EMATeacher
 from .targets import target_representation
 
 VAR_EPS = 1e-6
-HEAD_INPUTS = ("position", "document")
 
 
 @dataclass(frozen=True)

@@ -162,13 +162,13 @@ class Trainer:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
         cfg = self.cfg
-        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        scale = float(cfg["embed_lr_scale"])
+        scale, faster = float(cfg["embed_lr_scale"]), []
         if scale != 1.0:  # the token embeddings in a group of their own, stepped at scale x the scheduled lr
             embed = self.objective.student.token_embed.weight
-            decay.remove(embed)
-            groups.append({"params": [embed], "weight_decay": float(cfg["weight_decay"]), "lr_scale": scale})
+            faster = [{"params": [embed], "weight_decay": float(cfg["weight_decay"]), "lr_scale": scale}]
+            decay = [p for p in decay if p is not embed]
+        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+                  {"params": no_decay, "weight_decay": 0.0}, *faster]
         return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), eps=float(cfg["eps"]),
                                  **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
 
