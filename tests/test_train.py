@@ -137,12 +137,12 @@ def test_loss_falls_and_targets_keep_their_spread(tmp_path, data, modality):
 
 
 def assert_resume_reproduces(build_args, data, tmp_path: Path, steps: int, stop: int, extra: tuple[str, ...],
-                             training_keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+                             training_keys: tuple[str, ...], modality: str = "audio") -> tuple[list[dict], list[dict]]:
     """`steps` updates in one go vs `stop` updates, stop, --resume for the rest: identical losses, encoder weights and
     the listed `training` state dicts, bitwise (CPU). Returns both runs' metrics."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main(build_args("audio", data, whole, steps, *extra)) == 0
-    assert main(build_args("audio", data, parts, steps, *extra, "--set", f"stop_at={stop}")) == 0
+    assert main(build_args(modality, data, whole, steps, *extra)) == 0
+    assert main(build_args(modality, data, parts, steps, *extra, "--set", f"stop_at={stop}")) == 0
     assert load_checkpoint(parts / "ckpt.pt")["training"]["step"] == stop
     assert main(["--out", str(parts), "--resume", "--no-progress"]) == 0
     a, b = read_metrics(whole), read_metrics(parts)
@@ -160,6 +160,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data):
     extra = ("--accum", "2", "--save-every", "3", "--set", "model.dropout=0.1", "--set", "data.num_workers=2")
     a, b = assert_resume_reproduces(args_for, data, tmp_path, 8, 5, extra, ("teacher", "head"))
     assert [r["target_var"] for r in a] == [r["target_var"] for r in b]
+
+
+def test_resume_reproduces_a_short_recipe_run(tmp_path, data):
+    """The recipe's own embedding group (15x lr) and slow teacher survive a stop and --resume."""
+    assert_resume_reproduces(args_for, data, tmp_path, 6, 3, ("--recipe", "short"), ("teacher", "head"), "text")
+    assert load_checkpoint(tmp_path / "parts" / "ckpt.pt")["training"]["config"]["recipe"] == "short"
 
 
 def test_the_same_run_gives_a_byte_identical_checkpoint(tmp_path, data, monkeypatch):
