@@ -5,9 +5,9 @@
 
 A bag-of-words model (word2vec's CBOW): a masked word is predicted from the mean of the embeddings of the visible
 words of its document, through a two-layer head (as data2vec's text head), on bench/quality.py's topic corpus with
-data2vec's text masking rate (15 %), batch 32, AdamW at 3e-3, cosine with 1 % warmup. A document's vector is the
-mean of its words' embeddings, probed like the models' (`d2v_serve.evaluate.linear_probe`). Only the objective
-changes between rows:
+data2vec's text masking rate (15 %; `--mask-prob`), batch 32, AdamW at 3e-3, cosine with 1 % warmup. A document's
+vector is the mean of its words' embeddings, probed like the models' (`d2v_serve.evaluate.linear_probe`). Only the
+objective changes between rows:
 - `ce`: cross-entropy over the vocabulary (tied embeddings): masked language modelling;
 - `regress-random`: squared error onto a fixed random code per word (layer-normalised): what data2vec regresses
   onto at a `tiny` teacher's initial weights, where each target is nearly a random code of the token there;
@@ -34,7 +34,7 @@ EMA = 0.99
 
 
 def train_bag(objective: str, train: list[str], labelled: list[dict], steps: int = 3000, probe_every: int = 1000,
-              seed: int = 1, lr: float = 3e-3) -> list[dict]:
+              seed: int = 1, lr: float = 3e-3, mask_prob: float = 0.15) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -77,7 +77,7 @@ def train_bag(objective: str, train: list[str], labelled: list[dict], steps: int
             group["lr"] = now
         x = ids(rng.sample(train, 32))
         valid = x.ne(0)
-        mask = (torch.rand(x.shape) < 0.15) & valid
+        mask = (torch.rand(x.shape) < mask_prob) & valid
         visible = (valid & ~mask).unsqueeze(-1).float()
         context = (embed(x) * visible).sum(1) / visible.sum(1).clamp_min(1)  # [B, D]
         rows = mask.nonzero(as_tuple=True)[0]
@@ -111,6 +111,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--mask-prob", type=float, default=0.15, help="masked fraction of the words (data2vec text: 0.15)")
     args = p.parse_args()
     unknown = sorted(set(args.objectives) - set(OBJECTIVES))
     if unknown:
@@ -122,7 +123,8 @@ def main() -> int:
     labelled = [json.loads(line) for line in labelled_path.read_text(encoding="utf-8").splitlines()]
     results = []
     for objective in args.objectives:
-        curve = train_bag(objective, train, labelled, steps=args.steps, seed=args.seed, lr=args.lr)
+        curve = train_bag(objective, train, labelled, steps=args.steps, seed=args.seed, lr=args.lr,
+                          mask_prob=args.mask_prob)
         print(objective, " ".join(f"{c['step']}:{c['probe']}" for c in curve), flush=True)
         results.append({"objective": objective, "curve": curve})
     (args.out / "bag.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

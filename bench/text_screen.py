@@ -85,6 +85,7 @@ CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
     "frozen+doc-head+emb-lr-x15-12000": (FROZEN + DOC_HEAD + EMB_LR, None, FULL),
     "frozen+doc-head+lr1e-3-3000": (FROZEN + DOC_HEAD + ["--lr", "1e-3"], None, 3000),
     "frozen+both-heads+emb-lr-x15-3000": (FROZEN + EMB_LR, "both-heads", 3000),
+    "short-mask-0.15-3000": (["--recipe", "short", "--set", "masking.mask_prob=0.15"], None, 3000),
     "short-3000": (["--recipe", "short"], None, 3000),
     "short-12000": (["--recipe", "short"], None, FULL),
     "mlm-lr2e-4": ([], "mlm", STEPS),

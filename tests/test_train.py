@@ -265,6 +265,7 @@ def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["recipe"] == "short" and cfg["head_input"] == "document" and cfg["embed_lr_scale"] == 10.0
     assert cfg["ema_decay"] == cfg["ema_end_decay"] == 0.99999 and cfg["teacher"]["copy"] == []
+    assert cfg["masking"] == dict(defaults("text")["masking"], mask_prob=0.5)
     assert cfg["lr"] == defaults("text")["lr"]  # what the recipe does not name stays the modality's
     assert main(base + ["--set", "recipe=short", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["head_input"] == "document"
