@@ -205,11 +205,10 @@ def pooled_weights(variant: str) -> tuple[float, float]:
 
 
 def train_variant(variant: str, argv: list[str]) -> int:
-    """d2v-train with diagnostic changes, '+'-separated (see the module docstring)."""
+    """d2v-train with one diagnostic change (see the module docstring)."""
     from d2v.training import cli
 
-    for part in variant.split("+"):
-        apply_variant(part)
+    apply_variant(variant)
     return cli.main(argv)
 
 
@@ -266,8 +265,7 @@ def apply_variant(variant: str) -> None:
             x, valid = self.student.embed(**student_inputs)
             y = self.targets(inputs, x, valid)
             h = self.student.encode(x, valid).last_hidden_state
-            seen = (valid & ~mask).unsqueeze(-1).to(h.dtype)
-            pooled = ((h * seen).sum(1) / seen.sum(1).clamp_min(1))[mask.nonzero(as_tuple=True)[0]]
+            pooled = objective.document_inputs(h, mask, valid)
             pred, doc_pred, target = self.head(h[mask]).float(), self.head(pooled).float(), y[mask]
             count = mask.sum().clamp_min(1)
             loss = sum(objective.regression_loss(p, target, self.loss_spec).sum() for p in (pred, doc_pred)) / count

@@ -75,6 +75,14 @@ def regression_loss(pred: Tensor, target: Tensor, spec: LossSpec) -> Tensor:
     return per_pos * scale
 
 
+def document_inputs(h: Tensor, mask: Tensor, valid: Tensor | None) -> Tensor:
+    """[N, D]: for each masked position (row-major), the mean of h over its item's visible, non-padded positions."""
+    seen = ~mask if valid is None else valid & ~mask
+    weights = seen.unsqueeze(-1).to(h.dtype)
+    pooled = (h * weights).sum(1) / weights.sum(1).clamp_min(1)
+    return pooled[mask.nonzero(as_tuple=True)[0]]
+
+
 class Data2Vec(nn.Module):
     predictor = "head"  # the training-only module that maps student outputs to targets (its checkpoint key)
 
@@ -125,12 +133,7 @@ class Data2Vec(nn.Module):
         """[N, D], one row per masked position. "position" (data2vec): the student's output there. "document": the
         mean of the student's outputs at its item's visible positions, the same row for every masked position of
         the item, so the pooled vector itself must say what the masked parts hold (the short text recipe)."""
-        if self.loss_spec.head_input == "position":
-            return h[mask]
-        seen = ~mask if valid is None else valid & ~mask
-        weights = seen.unsqueeze(-1).to(h.dtype)
-        pooled = (h * weights).sum(1) / weights.sum(1).clamp_min(1)
-        return pooled[mask.nonzero(as_tuple=True)[0]]
+        return h[mask] if self.loss_spec.head_input == "position" else document_inputs(h, mask, valid)
 
     @torch.no_grad()
     def update_teacher(self, decay: float) -> None:
