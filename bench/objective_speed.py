@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def _probe(ckpt: Path, labelled: Path, initial: bool = False) -> float:
 
 def train(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    name = args.name or f"{args.modality}-{args.objective}"
+    name = args.name or f"{args.modality}-{args.objective}" + ("" if args.seed == 1 else f"-seed{args.seed}")
     run = out / "runs" / name
     if run.exists():
         shutil.rmtree(run)
@@ -217,13 +218,16 @@ def curve_points(curve: dict[str, Any], clock: str) -> list[Point]:
     return [(0.0, curve["initial_accuracy"])] + [(r[clock], r["accuracy"]) for r in curve["timeline"]]
 
 
-def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | None = None) -> dict[str, Any]:
-    """One data2vec2 run against the modality's data2vec run."""
+def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | None = None,
+            targets: tuple[float, ...] = ()) -> dict[str, Any]:
+    """One data2vec2 run (or seeds' mean curve) against the modality's data2vec run of the same seed(s).
+
+    targets: further fixed accuracies at which to read both CPU times off the curves (`at_targets`)."""
     initial = base["initial_accuracy"]
     final = base["timeline"][-1]["accuracy"]
     target = final if gain_fraction is None else initial + gain_fraction * (final - initial)
     row: dict[str, Any] = {"modality": base["modality"], "run": other["name"], "baseline": base["name"],
-                           "target_accuracy": round(target, 4), "initial_accuracy": initial}
+                           "seeds": seeds_of(other), "target_accuracy": round(target, 4), "initial_accuracy": initial}
     for key, curve in (("data2vec", base), ("data2vec2", other)):
         last = curve["timeline"][-1]
         row[key] = {"steps": last["step"], "run_steps": curve.get("steps", last["step"]),
@@ -241,7 +245,64 @@ def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | 
     row["data2vec2_accuracy_at_data2vec_cpu"] = accuracy_at(curve_points(other, "cpu_s"), budget)
     row["data2vec_accuracy_at_data2vec2_cpu"] = accuracy_at(curve_points(base, "cpu_s"),
                                                             other["timeline"][-1]["cpu_s"])
+    row["at_targets"] = []
+    for t in (*targets, target):
+        cpu = [time_to_accuracy(curve_points(c, "cpu_s"), t) for c in (base, other)]
+        row["at_targets"].append({"target": round(t, 4), "data2vec_cpu_s": cpu[0], "data2vec2_cpu_s": cpu[1],
+                                  "speedup_cpu": ratio(cpu[0], cpu[1])})
     return row
+
+
+def seeds_of(curve: dict[str, Any]) -> list[int]:
+    return list(curve["seeds"]) if "seeds" in curve else [int(curve.get("seed", 1))]
+
+
+SEED_SUFFIX = re.compile(r"-s(?:eed)?\d+$")
+
+
+def mean_curve(curves: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several seeds' runs of one setting as one curve: at each probed step they all share, the mean CPU and wall
+    time, samples and probe accuracy (a probe point moves by 0.01-0.03 between neighbouring checkpoints of one run;
+    the mean over seeds is what a speed-up should be read from)."""
+    shared = set.intersection(*({r["step"] for r in c["timeline"]} for c in curves))
+    timeline = []
+    for step in sorted(shared):
+        at = [next(r for r in c["timeline"] if r["step"] == step) for c in curves]
+        timeline.append({"step": step, **{k: sum(r[k] for r in at) / len(at)
+                                          for k in ("samples", "cpu_s", "wall_s", "accuracy")}})
+    seeds = sorted(s for c in curves for s in seeds_of(c))
+    first = curves[0]
+    return {**{k: v for k, v in first.items() if k not in ("seed", "timeline", "name")},
+            "name": f"{SEED_SUFFIX.sub('', first['name'])} (mean of {len(seeds)} seeds)", "seeds": seeds,
+            "initial_accuracy": sum(c["initial_accuracy"] for c in curves) / len(curves), "timeline": timeline}
+
+
+def setting(curve: dict[str, Any]) -> tuple:
+    """What makes two runs the same experiment on different seeds."""
+    return curve["modality"], curve["objective"], tuple(curve["sets"]), curve.get("steps")
+
+
+def pair_runs(curves: list[dict[str, Any]], modality: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(data2vec run, other run) for every non-data2vec run of the modality, the data2vec run of the same seed when
+    there is one (plain data2vec runs first, i.e. without --set), else the modality's first; then, for each setting
+    run on several seeds that all have their own data2vec run, the two seeds' mean curves."""
+    bases = sorted((c for c in curves if c["modality"] == modality and c["objective"] == "data2vec"),
+                   key=lambda c: (bool(c["sets"]), c["name"] != f"{modality}-data2vec", c["name"]))
+    if not bases:
+        return []
+    by_seed: dict[int, dict[str, Any]] = {}
+    for c in bases:
+        by_seed.setdefault(seeds_of(c)[0], c)
+    others = [c for c in curves if c["modality"] == modality and c["objective"] != "data2vec"]
+    pairs = [(by_seed.get(seeds_of(c)[0], bases[0]), c) for c in others]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for c in others:
+        if seeds_of(c)[0] in by_seed:
+            groups.setdefault(setting(c), []).append(c)
+    for group in groups.values():
+        if len({seeds_of(c)[0] for c in group}) > 1:
+            pairs.append((mean_curve([by_seed[seeds_of(c)[0]] for c in group]), mean_curve(group)))
+    return pairs
 
 
 def report(args: argparse.Namespace) -> int:
@@ -249,21 +310,23 @@ def report(args: argparse.Namespace) -> int:
     curves = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "runs").glob(f"*/{CURVE}"))]
     if not curves:
         raise SystemExit(f"objective_speed: no {CURVE} under {out / 'runs'}; run `train` first")
-    rows = []
+    targets = tuple(float(t) for t in args.targets.split(",") if t.strip()) if args.targets else ()
+    rows, means = [], []
     for modality in sorted({c["modality"] for c in curves}):
-        bases = [c for c in curves if c["modality"] == modality and c["objective"] == "data2vec"]
-        if not bases:
+        pairs = pair_runs(curves, modality)
+        if not pairs:
             print(f"{modality}: no data2vec run to compare with", file=sys.stderr)
-            continue
-        base = next((c for c in bases if c["name"] == f"{modality}-data2vec"), bases[0])
-        for c in curves:
-            if c["modality"] == modality and c["objective"] != "data2vec":
-                rows.append(compare(base, c, args.target_gain_fraction))
-    (out / "objective_speed.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=2) + "\n",
-                                              encoding="utf-8")
+        for base, other in pairs:
+            rows.append(compare(base, other, args.target_gain_fraction, targets))
+            if "seeds" in other:
+                means += [base, other]
+    (out / "objective_speed.json").write_text(
+        json.dumps({"rows": rows, "curves": curves, "mean_curves": means}, indent=2) + "\n", encoding="utf-8")
     print(table(rows))
+    print()
+    print(target_table(rows))
     for modality in sorted({c["modality"] for c in curves}):
-        print(f"plot: {plot(curves, modality, rows, out / f'{modality}-objective.png')}")
+        print(f"plot: {plot(curves + means, modality, rows, out / f'{modality}-objective.png')}")
     return 0
 
 
@@ -275,10 +338,18 @@ def plot(curves: list[dict[str, Any]], modality: str, rows: list[dict[str, Any]]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for c in curves:
-        if c["modality"] == modality:
-            t, a = zip(*curve_points(c, "cpu_s"), strict=True)
-            ax.plot(t, a, marker="o", markersize=3, linewidth=1.2 if c["objective"] == "data2vec" else 1,
+    mine = [c for c in curves if c["modality"] == modality]
+    averaged = {setting(c) for c in mine if "seeds" in c}
+    colours: dict[tuple, Any] = {}
+    for c in sorted(mine, key=lambda c: "seeds" in c):  # the means drawn last, on top
+        t, a = zip(*curve_points(c, "cpu_s"), strict=True)
+        colour = colours.setdefault(setting(c), f"C{len(colours)}")
+        if "seeds" in c:
+            ax.plot(t, a, marker="o", markersize=3.5, linewidth=2.2, color=colour, label=f"{c['name']}")
+        elif setting(c) in averaged:  # one seed of a mean: faded, unlabelled
+            ax.plot(t, a, linewidth=0.8, alpha=0.35, color=colour)
+        else:
+            ax.plot(t, a, marker="o", markersize=3, linewidth=1, color=colour,
                     label=f"{c['name']} ({c['objective']})")
     targets = {r["target_accuracy"] for r in rows if r["modality"] == modality}
     for target in targets:
@@ -294,25 +365,43 @@ def plot(curves: list[dict[str, Any]], modality: str, rows: list[dict[str, Any]]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "—" if x is None else format(x, fmt)
-
-    lines = ["| modality | run | objective | updates | CPU s | wall s | items/CPU s (student) | items/wall s | "
+    lines = ["| modality | run | seeds | objective | updates | CPU s | wall s | items/CPU s (student) | items/wall s | "
              "probe: initial -> final | target | CPU s to target | wall s to target | speed-up CPU / wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for key in ("data2vec", "data2vec2"):
             s = r[key]
-            speed = (f"**{num(r['speedup_cpu'], '.2f')}x** / {num(r['speedup_wall'], '.2f')}x"
+            speed = (f"**{_num(r['speedup_cpu'], '.2f')}x** / {_num(r['speedup_wall'], '.2f')}x"
                      if key == "data2vec2" else "")
             lines.append(
-                f"| {r['modality']} | {r['run'] if key == 'data2vec2' else r['baseline']} | {key} | {_updates(s)} | "
+                f"| {r['modality']} | {r['run'] if key == 'data2vec2' else r['baseline']} | {_seeds(r['seeds'])} | "
+                f"{key} | {_updates(s)} | "
                 f"{s['cpu_s']:.0f} | {s['wall_s']:.0f} | "
                 f"{s['items_per_cpu_s']:.1f} ({s['student_items_per_cpu_s']:.1f}) | {s['items_per_wall_s']:.1f} | "
                 f"{r['initial_accuracy']:.3f} -> {s['final_accuracy']:.3f} | "
-                f"{r['target_accuracy']:.3f} | {num(s['cpu_s_to_target'], '.0f')} | "
-                f"{num(s['wall_s_to_target'], '.0f')} | {speed} |")
+                f"{r['target_accuracy']:.3f} | {_num(s['cpu_s_to_target'], '.0f')} | "
+                f"{_num(s['wall_s_to_target'], '.0f')} | {speed} |")
     return "\n".join(lines)
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    """CPU seconds to each target accuracy (the --targets and data2vec's final), per row, and the speed-up."""
+    lines = ["| modality | run | seeds | target | data2vec CPU s | data2vec2 CPU s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for t in r["at_targets"]:
+            lines.append(f"| {r['modality']} | {r['run']} | {_seeds(r['seeds'])} | {t['target']:.3f} | "
+                         f"{_num(t['data2vec_cpu_s'], '.0f')} | {_num(t['data2vec2_cpu_s'], '.0f')} | "
+                         f"{_num(t['speedup_cpu'], '.2f')}x |")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ",".join(str(s) for s in seeds)
 
 
 def _updates(s: dict[str, Any]) -> str:
@@ -337,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="runs/objective")
     r.add_argument("--target-gain-fraction", type=float,
                    help="target = initial + F x (data2vec final - initial) (default: data2vec's final accuracy)")
+    r.add_argument("--targets", help="comma-separated further accuracies to give the CPU times and speed-up at")
     f = sub.add_parser("probe", help="probe the checkpoints a stopped `train` run reached and write its curve")
     f.add_argument("--out", default="runs/objective")
     f.add_argument("--name", required=True, help="the run's name (a folder under OUT/runs)")

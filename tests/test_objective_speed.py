@@ -90,6 +90,54 @@ def test_report_pairs_runs_by_modality(tmp_path, capsys):
     assert (tmp_path / "image-objective.png").stat().st_size > 0
 
 
+def _seeded(objective: str, seed: int, cpu: list[float], acc: list[float], **kw) -> dict:
+    curve = _curve(f"audio-{objective}-seed{seed}", objective, cpu, acc, **kw)
+    return {**curve, "modality": "audio", "seed": seed, "steps": 100 * len(cpu)}
+
+
+def test_mean_curve_averages_the_steps_every_seed_probed():
+    a = _seeded("data2vec2", 2, [10, 20, 30], [0.6, 0.8, 0.9])
+    b = _seeded("data2vec2", 3, [12, 22], [0.7, 0.9])
+    b["timeline"][1]["step"] = 300  # seed 3 probed 100 and 300: only those two are shared
+    b["initial_accuracy"] = 0.52
+    mean = obj.mean_curve([a, b])
+    assert mean["seeds"] == [2, 3] and mean["name"] == "audio-data2vec2 (mean of 2 seeds)"
+    assert [r["step"] for r in mean["timeline"]] == [100, 300]
+    assert mean["timeline"][0]["cpu_s"] == pytest.approx(11) and mean["timeline"][0]["accuracy"] == pytest.approx(0.65)
+    assert mean["timeline"][1]["cpu_s"] == pytest.approx(26) and mean["timeline"][1]["accuracy"] == pytest.approx(0.9)
+    assert mean["initial_accuracy"] == pytest.approx(0.51)
+
+
+def test_report_pairs_each_seed_with_its_own_data2vec_run_and_adds_the_mean(tmp_path):
+    curves = [_seeded("data2vec", 1, [100, 200, 300], [0.6, 0.85, 0.9]),
+              _seeded("data2vec", 2, [100, 200, 300], [0.7, 0.8, 0.8]),
+              _seeded("data2vec2", 1, [20, 40], [0.9, 0.92]),
+              _seeded("data2vec2", 2, [20, 40], [0.7, 0.78]),
+              _seeded("data2vec2", 3, [20, 40], [0.9, 0.9])]  # no data2vec run of seed 3: out of the mean
+    for curve in curves:
+        run = tmp_path / "runs" / curve["name"]
+        run.mkdir(parents=True)
+        (run / obj.CURVE).write_text(json.dumps(curve))
+    assert obj.main(["report", "--out", str(tmp_path), "--targets", "0.75"]) == 0
+    rows = json.loads((tmp_path / "objective_speed.json").read_text())["rows"]
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["audio-data2vec2-seed1"]["baseline"] == "audio-data2vec-seed1"
+    assert by_run["audio-data2vec2-seed1"]["speedup_cpu"] == pytest.approx(300 / 20)
+    assert by_run["audio-data2vec2-seed2"]["baseline"] == "audio-data2vec-seed2"
+    assert by_run["audio-data2vec2-seed2"]["speedup_cpu"] is None  # 0.78 never reaches seed 2's 0.8
+    assert by_run["audio-data2vec2-seed3"]["baseline"] == "audio-data2vec-seed1"  # no seed-3 run: the first
+    mean = by_run["audio-data2vec2 (mean of 2 seeds)"]
+    assert mean["seeds"] == [1, 2] and mean["baseline"] == "audio-data2vec (mean of 2 seeds)"
+    # data2vec's mean curve: 0.65, 0.825, 0.85 at 100, 200, 300 CPU s; data2vec2's: 0.8, 0.85 at 20, 40
+    assert mean["target_accuracy"] == pytest.approx(0.85)
+    assert mean["speedup_cpu"] == pytest.approx(300 / 40)
+    at_075 = mean["at_targets"][0]
+    assert at_075["target"] == 0.75 and at_075["data2vec2_cpu_s"] == pytest.approx(0.0 + 20 * (0.75 - 0.5) / 0.3)
+    assert at_075["data2vec_cpu_s"] == pytest.approx(100 + 100 * (0.75 - 0.65) / 0.175)
+    assert mean["at_targets"][-1]["target"] == pytest.approx(0.85)
+    assert (tmp_path / "audio-objective.png").stat().st_size > 0
+
+
 def test_report_without_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no curve.json"):
         obj.main(["report", "--out", str(tmp_path)])
