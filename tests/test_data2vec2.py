@@ -43,7 +43,7 @@ EXTRA = {"audio": dict(conv_layers=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2
 
 
 def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed: int = 0,
-                   cls_loss: float | None = None) -> Data2Vec2:
+                   cls_loss: float | None = None, head_input: str = "position") -> Data2Vec2:
     """The trainer's construction, from the data2vec2 defaults table, on a small random encoder."""
     cfg = defaults(modality, "data2vec2")
     if cls_loss is not None:
@@ -56,7 +56,7 @@ def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed:
     student = init_weights(build_encoder(enc))
     t = cfg["teacher"]
     teacher = TeacherSpec(tuple(t["drop"]), tuple(t["copy"]), t["reads_student_features"], t["mask_param"])
-    loss = LossSpec(cfg["loss_beta"], cfg["loss_scale"], cfg["loss_reduce"], cfg["head_layers"])
+    loss = LossSpec(cfg["loss_beta"], cfg["loss_scale"], cfg["loss_reduce"], cfg["head_layers"], head_input)
     decoder = DecoderSpec(**{**cfg["decoder"], "mask_noise_std": noise}, head_layers=cfg["head_layers"])
     return Data2Vec2(student, teacher, loss, decoder, num_masks, cfg["cls_loss"])
 
@@ -255,6 +255,36 @@ def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
                     cls_total += float(((h[0] - y.mean(0)) ** 2).sum()) * obj.loss_spec.scale
     assert out.stats["masked"].item() == count == int(mask.sum())
     assert out.loss.item() == pytest.approx(total / count + obj.cls_loss * cls_total, rel=1e-4)
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(modality):
+    """head_input="document" (`--recipe short`): each row's masked positions are all predicted by the decoder from
+    one position, the mean of the row's visible, non-padded outputs; written here as a loop."""
+    m = 3
+    obj = make_objective(modality, num_masks=m, noise=0.0, head_input="document").eval()
+    batch = make_batch(modality, defaults(modality, "data2vec2")["masking"], m)
+    out = obj(**batch)
+    with torch.no_grad():
+        mask, keep, inputs = batch["mask"], batch["keep"], batch["inputs"]
+        prefix = 1 if modality == "image" else 0
+        total, count = 0.0, 0
+        for b in range(2):
+            item = {k: v[b: b + 1] for k, v in inputs.items()}
+            x, valid = obj.student.embed(**item)
+            y = target_representation(obj.teacher.model.encode(x, valid) if modality == "audio"
+                                      else obj.teacher.model(**item), obj.cfg)[0, prefix:]
+            for j in range(m):
+                r = b * m + j
+                h = obj.student.encode(x, valid, keep=keep[r: r + 1]).last_hidden_state[0, prefix:]
+                seen = [h[k] for k, t in enumerate(keep[r].tolist()) if valid is None or valid[0, t]]
+                pred = obj.head((sum(seen) / len(seen))[None, None])[0, 0]
+                for t in np.flatnonzero(mask[r].numpy()):
+                    total += float(((pred - y[t]) ** 2).sum()) * obj.loss_spec.scale
+                    count += 1
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-4)
+    out.loss.backward()
+    assert obj.student.transformer.layers[0].attn.v.weight.grad.abs().sum() > 0
 
 
 def test_gradients_reach_student_and_decoder_and_the_mask_embedding_is_frozen():

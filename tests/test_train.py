@@ -272,10 +272,13 @@ def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
     for image_or_audio in ("image", "audio"):  # their defaults already learn in short runs
         assert {k: v for k, v in defaults(image_or_audio, recipe="short").items() if k != "recipe"} == \
             {k: v for k, v in defaults(image_or_audio).items() if k != "recipe"}
-    for bad, says in ((["--recipe", "short", "--objective", "data2vec2"], "recipe 'short' is for --objective data2vec"),
-                      (["--set", "recipe=long"], "unknown recipe 'long'"),
+    assert main(base + ["--recipe", "short", "--objective", "data2vec2", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)  # data2vec2's own text defaults, the recipe on top
+    assert cfg["objective"] == "data2vec2" and cfg["head_input"] == "document" and cfg["teacher"]["copy"] == []
+    assert cfg["model"]["target_norm"] == "layer"  # data2vec2's instance norm would centre the document away
+    assert cfg["masking"] == dict(defaults("text", "data2vec2")["masking"], mask_prob=0.5)
+    for bad, says in ((["--set", "recipe=long"], "unknown recipe 'long'"),
                       (["--set", "head_input=cls"], "head_input must be 'position' or 'document'"),
-                      (["--objective", "data2vec2", "--set", "head_input=document"], "head_input 'document' is"),
                       (["--set", "embed_lr_scale=0"], "embed_lr_scale must be a positive number")):
         assert main(base + bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -285,11 +288,13 @@ def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
     assert "text models only" in capsys.readouterr().err
 
 
-def test_short_recipe_trains_with_a_slow_teacher_and_faster_embeddings(tmp_path, data):
+@pytest.mark.parametrize("objective", ["data2vec", "data2vec2"])
+def test_short_recipe_trains_with_a_slow_teacher_and_faster_embeddings(tmp_path, data, objective):
     out = tmp_path / "short"
-    assert main(args_for("text", data, out, 6, "--recipe", "short")) == 0
+    assert main(args_for("text", data, out, 6, "--recipe", "short", "--objective", objective)) == 0
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["training"]["config"]["recipe"] == "short"
+    assert ckpt["training"]["config"]["objective"] == objective
     initial = Trainer(dict(ckpt["training"]["config"], steps=6, out=str(tmp_path / "again")))
     teacher, start = ckpt["training"]["teacher"], initial.objective.teacher.model.state_dict()
     assert all(torch.allclose(teacher[k], v, atol=1e-6) for k, v in start.items())  # its own embeddings, EMA 0.99999

@@ -97,10 +97,14 @@ class Data2Vec2(Data2Vec):
         h = self.student.encode(x, valid, keep=keep).last_hidden_state
         prefix = h.shape[1] - keep.shape[1]  # image: the CLS token comes first
         visible = F.dropout(h[:, prefix:], self.decoder_spec.input_dropout, self.training)
-        noise = visible.new_empty(h.shape[0], mask.shape[1], h.shape[2]).normal_(0, self.decoder_spec.mask_noise_std)
-        features = self.head.features(scatter_positions(visible, keep, mask.shape[1], noise), valid)
         rows, cols = mask.nonzero(as_tuple=True)
-        pred = self.head.proj(features[rows, cols]).float()
+        if self.loss_spec.head_input == "document":
+            pred = self.document_predictions(visible, keep, valid)[rows].float()
+        else:
+            std = self.decoder_spec.mask_noise_std
+            noise = visible.new_empty(h.shape[0], mask.shape[1], h.shape[2]).normal_(0, std)
+            features = self.head.features(scatter_positions(visible, keep, mask.shape[1], noise), valid)
+            pred = self.head.proj(features[rows, cols]).float()
         target = y[:, y.shape[1] - mask.shape[1]:][torch.div(rows, m, rounding_mode="floor"), cols]
         count = mask.sum()
         loss = regression_loss(pred, target, self.loss_spec).sum() / count.clamp_min(1)
@@ -116,3 +120,11 @@ class Data2Vec2(Data2Vec):
             loss = loss + self.cls_loss * regression_loss(h[:, 0].float(), cls_target, self.loss_spec).sum()
         stats = {"target_var": spread(target), "pred_var": spread(pred.detach()), "masked": count.detach()}
         return StepOutput(loss, stats)
+
+    def document_predictions(self, visible: Tensor, keep: Tensor, valid: Tensor | None) -> Tensor:
+        """head_input="document" (the short text recipe): one prediction per row, for all its masked positions, from
+        the mean of the row's visible, non-padded outputs: the decoder reads a one-position sequence, so no
+        position reaches it and the pooled vector itself must say what the masked parts hold. [B*M, D]."""
+        seen = torch.ones_like(keep, dtype=visible.dtype) if valid is None else valid.gather(1, keep).to(visible.dtype)
+        pooled = (visible * seen.unsqueeze(-1)).sum(1) / seen.sum(1, keepdim=True).clamp_min(1)
+        return self.head(pooled.unsqueeze(1))[:, 0]
