@@ -246,7 +246,7 @@ def compare(base: dict[str, Any], other: dict[str, Any], gain_fraction: float | 
     row["data2vec_accuracy_at_data2vec2_cpu"] = accuracy_at(curve_points(base, "cpu_s"),
                                                             other["timeline"][-1]["cpu_s"])
     row["at_targets"] = []
-    for t in (*targets, target):
+    for t in sorted({*targets, target}):
         cpu = [time_to_accuracy(curve_points(c, "cpu_s"), t) for c in (base, other)]
         row["at_targets"].append({"target": round(t, 4), "data2vec_cpu_s": cpu[0], "data2vec2_cpu_s": cpu[1],
                                   "speedup_cpu": ratio(cpu[0], cpu[1])})
