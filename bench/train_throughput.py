@@ -2,11 +2,16 @@
 
     .venv/bin/python bench/train_throughput.py                                  # tiny + small, all modalities
     .venv/bin/python bench/train_throughput.py --presets base --device cuda --batch-size 16
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py --modalities audio --presets tiny --batch-size 0 \
+        --objective data2vec2 --front-end       # the objective's own batch; the conv front end's share of an update
 
 Data is synthetic and made here (tones, drawn shapes, sentences), decoded by the real data pipeline. Each cell
 builds a Trainer, runs `--warmup` updates, then times `--steps` updates (forward, backward, optimizer, EMA,
 data decoding in background threads). Items: audio crops of `--audio-seconds`, images at the preset's size,
 text pieces of `--text-tokens` tokens. Not a test: numbers depend on the machine and what else runs on it.
+`--front-end` (audio) adds the share of an update spent in the conv feature extractor: its forward time (hooks) plus
+its backward (the update timed again with the extractor frozen, the difference). `--batch-size 0` keeps the
+objective's own batch size.
 """
 
 from __future__ import annotations
@@ -50,8 +55,35 @@ def make_data(root: Path, count: int = 32, seed: int = 0) -> dict[str, Path]:
     return {"audio": root / "wav", "image": root / "img", "text": root / "txt"}
 
 
+def timed(trainer: Trainer, steps: int) -> float:
+    """Seconds per update over `steps` updates."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def front_end_share(trainer: Trainer, steps: int) -> float:
+    """Fraction of an audio update spent in the conv feature extractor, forward and backward."""
+    blocks = trainer.objective.student.feature_extractor
+    forward = {"s": 0.0}
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, a: forward.__setitem__("t", time.perf_counter())),
+             blocks[-1].register_forward_hook(
+                 lambda m, a, o: forward.__setitem__("s", forward["s"] + time.perf_counter() - forward["t"]))]
+    full = timed(trainer, steps)
+    for h in hooks:
+        h.remove()
+    for p in blocks.parameters():
+        p.requires_grad_(False)
+    frozen = timed(trainer, steps)
+    return (forward["s"] / steps + full - frozen) / full
+
+
 def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, out: Path) -> dict[str, object]:
-    cfg = defaults(modality)
+    cfg = defaults(modality, args.objective)
     sets = [f"preset={preset}", f"data.path={data}", f"steps={args.warmup + args.steps}", f"out={out}",
             f"device={args.device}", "progress=false", "data.bucket_batches=0", f"lr={cfg['lr']}"]
     if args.batch_size:
@@ -65,22 +97,21 @@ def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, ou
     trainer = Trainer(cfg)
     for _ in range(args.warmup):
         trainer.train_step()
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    sync()
-    start, samples = time.perf_counter(), trainer.samples
-    for _ in range(args.steps):
-        trainer.train_step()
-    sync()
-    elapsed = time.perf_counter() - start
-    trainer.close()
+    samples = trainer.samples
+    per_update = timed(trainer, args.steps)
     n = trainer.samples - samples
+    share = front_end_share(trainer, args.steps) if args.front_end and modality == "audio" else None
+    trainer.close()
     params = sum(p.numel() for p in trainer.objective.student.parameters())
     item = {"audio": f"{args.audio_seconds:g} s", "image": f"{trainer.enc_cfg.image_size}px",
             "text": f"{args.text_tokens} tok"}[modality]
     precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"
-    return {"modality": modality, "preset": preset, "params": f"{params / 1e6:.1f}M", "batch": cfg["batch_size"],
-            "item": item, "device": str(trainer.device), "precision": precision,
-            "samples/s": f"{n / elapsed:.1f}", "s/update": f"{elapsed / args.steps:.3f}"}
+    row = {"modality": modality, "objective": args.objective, "preset": preset, "params": f"{params / 1e6:.1f}M",
+           "batch": cfg["batch_size"], "item": item, "device": str(trainer.device), "precision": precision,
+           "samples/s": f"{n / (per_update * args.steps):.1f}", "s/update": f"{per_update:.3f}"}
+    if args.front_end:
+        row["front end"] = "—" if share is None else f"{share:.0%}"
+    return row
 
 
 def main() -> int:
@@ -88,11 +119,13 @@ def main() -> int:
     p.add_argument("--modalities", nargs="+", default=["audio", "image", "text"])
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="items per update; 0: the objective's default")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--audio-seconds", type=float, default=2.0)
     p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--objective", default="data2vec", choices=["data2vec", "data2vec2"])
+    p.add_argument("--front-end", action="store_true", help="audio: the conv front end's share of an update")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
