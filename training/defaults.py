@@ -147,8 +147,8 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
             # data2vec (one run, docs/benchmarks.md). Seed 2: 0.906 after 400 (reference values: 0.855 at best), 1.7x
             # less CPU than data2vec to 0.906. `--set lr=7.5e-4 --set decoder.kernel=7 ...` is the reference.
             # decoder.layers 2 (reference 4): the less the decoder can do, the more the encoder's last layer holds.
-            # Over 8 seeds (800 updates, docs/benchmarks.md) the mean probe is 0.709 / 0.817 / 0.878 / 0.895 / 0.902
-            # after 100 / 200 / 300 / 600 / 800 updates with 2 layers, 0.644 / 0.781 / 0.852 / 0.870 / 0.891 with 4.
+            # Over 8 seeds (800 updates, docs/benchmarks.md) the mean probe is 0.713 / 0.816 / 0.876 / 0.895 / 0.901
+            # after 100 / 200 / 300 / 600 / 800 updates with 2 layers, 0.641 / 0.773 / 0.849 / 0.886 / 0.893 with 4.
             "lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "clip_grad": 0.0,
             "schedule": "cosine", "warmup_frac": 0.02,
             "ema_decay": 0.999, "ema_end_decay": 0.99999, "ema_anneal_steps": 75000,
