@@ -319,7 +319,7 @@ def report(args: argparse.Namespace) -> int:
         for base, other in pairs:
             rows.append(compare(base, other, args.target_gain_fraction, targets))
             if "seeds" in other:
-                means += [base, other]
+                means += [c for c in (base, other) if c["name"] not in {m["name"] for m in means}]
     (out / "objective_speed.json").write_text(
         json.dumps({"rows": rows, "curves": curves, "mean_curves": means}, indent=2) + "\n", encoding="utf-8")
     print(table(rows))
@@ -351,7 +351,9 @@ def plot(curves: list[dict[str, Any]], modality: str, rows: list[dict[str, Any]]
         else:
             ax.plot(t, a, marker="o", markersize=3, linewidth=1, color=colour,
                     label=f"{c['name']} ({c['objective']})")
-    targets = {r["target_accuracy"] for r in rows if r["modality"] == modality}
+    mine_rows = [r for r in rows if r["modality"] == modality]
+    averaged_rows = [r for r in mine_rows if len(r["seeds"]) > 1]  # with means, only their targets: one line each
+    targets = {r["target_accuracy"] for r in averaged_rows or mine_rows}
     for target in targets:
         ax.axhline(target, linestyle="--", linewidth=0.8, color="grey")
     ax.set_xlabel("training CPU seconds (one thread)")
