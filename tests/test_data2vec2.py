@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,17 @@ def make_batch(modality: str, masker_options: dict, num_masks: int, seed: int = 
     out = MultiMasker(modality, options, conv_layers=enc.conv_layers, grid=enc.grid_size)(batch, rng)
     return {k: {n: torch.from_numpy(v) for n, v in out[k].items()} if k == "inputs" else torch.from_numpy(out[k])
             for k in out}
+
+
+def per_item(obj: Data2Vec2, inputs: dict, modality: str) -> Iterator[tuple]:
+    """(index, student features, valid mask, teacher targets at the masked-able positions) for each item, alone."""
+    prefix = 1 if modality == "image" else 0
+    for b in range(len(next(iter(inputs.values())))):
+        item = {k: v[b: b + 1] for k, v in inputs.items()}
+        x, valid = obj.student.embed(**item)
+        y = target_representation(obj.teacher.model.encode(x, valid) if modality == "audio"
+                                  else obj.teacher.model(**item), obj.cfg)[0, prefix:]
+        yield b, x, valid, y
 
 
 def runs(row: np.ndarray) -> list[int]:
@@ -236,11 +248,7 @@ def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
         mask, keep, inputs = batch["mask"], batch["keep"], batch["inputs"]
         prefix = 1 if modality == "image" else 0
         total, count, cls_total = 0.0, 0, 0.0
-        for b in range(2):
-            item = {k: v[b: b + 1] for k, v in inputs.items()}
-            x, valid = obj.student.embed(**item)
-            y = target_representation(obj.teacher.model.encode(x, valid) if modality == "audio"
-                                      else obj.teacher.model(**item), obj.cfg)[0, prefix:]
+        for b, x, valid, y in per_item(obj, inputs, modality):
             for j in range(m):
                 r = b * m + j
                 h = obj.student.encode(x, valid, keep=keep[r: r + 1]).last_hidden_state[0]
@@ -269,11 +277,7 @@ def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(m
         mask, keep, inputs = batch["mask"], batch["keep"], batch["inputs"]
         prefix = 1 if modality == "image" else 0
         total, count = 0.0, 0
-        for b in range(2):
-            item = {k: v[b: b + 1] for k, v in inputs.items()}
-            x, valid = obj.student.embed(**item)
-            y = target_representation(obj.teacher.model.encode(x, valid) if modality == "audio"
-                                      else obj.teacher.model(**item), obj.cfg)[0, prefix:]
+        for b, x, valid, y in per_item(obj, inputs, modality):
             for j in range(m):
                 r = b * m + j
                 h = obj.student.encode(x, valid, keep=keep[r: r + 1]).last_hidden_state[0, prefix:]
