@@ -212,7 +212,7 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
 # Half the tokens masked (data2vec's 15 % gives a document one to four targets an update) adds 8-12 points more.
 # Targets layer-normed per token (data2vec's text choice; data2vec 2.0's instance norm centres every channel over the
 # document, which leaves a document-level prediction nothing to predict): with --objective data2vec2 the recipe then
-# gains 8 probe points in a short run instead of losing 2 (docs/quality.md).
+# gains 8-10 probe points in a short run (3 seeds) instead of losing 2 (docs/quality.md).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "short": {
         "audio": {},
