@@ -143,9 +143,9 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
             # lr, decoder kernel and input_dropout, layerdrop: the reference's 7.5e-4, 7, 0.1, 0.05 learn slower in a
             # short `tiny` run (4 layers). tiny, seed 1, 800 updates (docs/quality.md, "data2vec 2.0"): the reference
             # values 0.906 after 400 updates (54 CPU s); no dropouts 0.923 after 600 (86 s); no dropouts + kernel 5
-            # + lr 1e-3 0.919 after 300 (40 s), 0.940 after 400: data2vec's final 0.910 in 3.97x less CPU than
-            # data2vec (one run, docs/benchmarks.md). Seed 2: 0.906 after 400 (reference values: 0.855 at best), 1.7x
-            # less CPU than data2vec to 0.906. `--set lr=7.5e-4 --set decoder.kernel=7 ...` is the reference.
+            # + lr 1e-3 0.919 after 300 (40 s), 0.940 after 400 (that seed's luck: 8 seeds, below, are the figure).
+            # Seed 2: 0.906 after 400 (reference values: 0.855 at best). `--set lr=7.5e-4 --set decoder.kernel=7
+            # --set decoder.layers=4 ...` is the reference (README).
             # decoder.layers 2 (reference 4): the less the decoder can do, the more the encoder's last layer holds.
             # Over 8 seeds (800 updates, docs/benchmarks.md) the mean probe is 0.713 / 0.816 / 0.876 / 0.895 / 0.901
             # after 100 / 200 / 300 / 600 / 800 updates with 2 layers, 0.641 / 0.773 / 0.849 / 0.886 / 0.893 with 4.
@@ -212,7 +212,7 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
 # Half the tokens masked (data2vec's 15 % gives a document one to four targets an update) adds 8-12 points more.
 # Targets layer-normed per token (data2vec's text choice; data2vec 2.0's instance norm centres every channel over the
 # document, which leaves a document-level prediction nothing to predict): with --objective data2vec2 the recipe then
-# gains 8-10 probe points in a short run (3 seeds) instead of losing 2 (docs/quality.md).
+# gains 8-12 probe points in a short run (3 seeds) instead of losing 2 (docs/quality.md).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "short": {
         "audio": {},
