@@ -210,3 +210,30 @@ def test_audio_channels_last_front_end_computes_the_conv1d_front_end(conv_bias):
                 encoder.channels_last_front_end = False
         assert matmul.shape == eager.shape
         torch.testing.assert_close(matmul, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_front_end_trains_channels_last_with_conv1d_gradients(monkeypatch):
+    """With gradients on (training, CPU) the front end runs the MatMul form, whose backward is ~2x faster than
+    Conv1d's; outputs and weight gradients equal the Conv1d blocks'."""
+    from d2v.training.models import EncoderConfig, build_encoder
+    from d2v.training.models.audio import ConvBlock
+
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig.preset("audio", "tiny", conv_bias=True)).train()
+    wave = torch.randn(3, 4001)
+    weights = [b.conv.weight for b in encoder.feature_extractor] + [b.conv.bias for b in encoder.feature_extractor]
+    x = wave.unsqueeze(1)
+    for block in encoder.feature_extractor:
+        x = block(x)
+    reference = x.transpose(1, 2)
+    expected = torch.autograd.grad(reference.square().sum(), weights)
+
+    def conv1d_used(*_args, **_kwargs):
+        raise AssertionError("the Conv1d form ran with gradients on")
+
+    monkeypatch.setattr(ConvBlock, "forward", conv1d_used)
+    trained = encoder.conv_features(wave)
+    got = torch.autograd.grad(trained.square().sum(), weights)
+    torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
