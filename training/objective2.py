@@ -34,7 +34,8 @@ class DecoderSpec:
 
 class ConvDecoder(nn.Module):
     """[Conv (groups) -> LayerNorm without affine -> GELU] x layers, residual; then the projection to D. Padded
-    positions are zeroed before every conv, so padding never reaches a valid position."""
+    positions are zeroed before every conv, so padding never reaches a valid position. 0 layers leaves only the
+    projection (the short text recipe's document head, which has one position to read)."""
 
     def __init__(self, hidden: int, spec: DecoderSpec, spatial: bool) -> None:
         super().__init__()
@@ -48,7 +49,7 @@ class ConvDecoder(nn.Module):
         self.residual = spec.residual
         self.convs = nn.ModuleList(conv(hidden if i == 0 else spec.dim, spec.dim, spec.kernel,
                                         padding=spec.kernel // 2, groups=spec.groups) for i in range(spec.layers))
-        self.proj = regression_head(spec.dim, spec.head_layers, out_dim=hidden)
+        self.proj = regression_head(spec.dim if spec.layers else hidden, spec.head_layers, out_dim=hidden)
 
     def features(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """[N, T, D] -> [N, T, dim] (images: T a square number of patches in row-major order). Activations stay in
