@@ -44,11 +44,14 @@ EXTRA = {"audio": dict(conv_layers=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2
 
 
 def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed: int = 0,
-                   cls_loss: float | None = None, head_input: str = "position") -> Data2Vec2:
+                   cls_loss: float | None = None, head_input: str = "position",
+                   decoder_layers: int | None = None) -> Data2Vec2:
     """The trainer's construction, from the data2vec2 defaults table, on a small random encoder."""
     cfg = defaults(modality, "data2vec2")
     if cls_loss is not None:
         cfg["cls_loss"] = cls_loss
+    if decoder_layers is not None:
+        cfg["decoder"]["layers"] = decoder_layers
     cfg["steps"] = 10
     resolve_derived(cfg, SMALL["hidden_size"], 16)
     torch.manual_seed(seed)
@@ -265,12 +268,17 @@ def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
     assert out.loss.item() == pytest.approx(total / count + obj.cls_loss * cls_total, rel=1e-4)
 
 
+@pytest.mark.parametrize("decoder_layers", [None, 0])
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
-def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(modality):
+def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(modality, decoder_layers):
     """head_input="document" (`--recipe short`): each row's masked positions are all predicted by the decoder from
-    one position, the mean of the row's visible, non-padded outputs; written here as a loop."""
+    one position, the mean of the row's visible, non-padded outputs; written here as a loop. With 0 decoder layers
+    (the short text recipe for data2vec2) the decoder is its projection alone."""
     m = 3
-    obj = make_objective(modality, num_masks=m, noise=0.0, head_input="document").eval()
+    obj = make_objective(modality, num_masks=m, noise=0.0, head_input="document",
+                         decoder_layers=decoder_layers).eval()
+    if decoder_layers == 0:
+        assert len(obj.head.convs) == 0
     batch = make_batch(modality, defaults(modality, "data2vec2")["masking"], m)
     out = obj(**batch)
     with torch.no_grad():
