@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_throughput.py --presets base --device cuda --batch-size 16
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py --modalities audio --presets tiny --batch-size 0 \
         --objective data2vec2 --front-end       # the objective's own batch; the conv front end's share of an update
+    .venv/bin/python bench/train_throughput.py --modalities audio --conv1d-front-end   # the front end as Conv1d
 
 Data is synthetic and made here (tones, drawn shapes, sentences), decoded by the real data pipeline. Each cell
 builds a Trainer, runs `--warmup` updates, then times `--steps` updates (forward, backward, optimizer, EMA,
@@ -28,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from d2v.training.defaults import defaults, set_path
+from d2v.training.models.audio import AudioEncoder
 from d2v.training.trainer import Trainer
 
 WORDS = ("the a teacher student model learns sees hears masked view speech image text river stone house moon "
@@ -53,6 +55,14 @@ def make_data(root: Path, count: int = 32, seed: int = 0) -> dict[str, Path]:
     (root / "txt").mkdir()
     (root / "txt" / "corpus.txt").write_text("\n".join(docs) + "\n")
     return {"audio": root / "wav", "image": root / "img", "text": root / "txt"}
+
+
+def conv1d_features(self: AudioEncoder, waveform: torch.Tensor) -> torch.Tensor:
+    """AudioEncoder.conv_features with the Conv1d blocks whether or not gradients flow."""
+    x = waveform.unsqueeze(1)
+    for block in self.feature_extractor:
+        x = block(x)
+    return x.transpose(1, 2)
 
 
 def timed(trainer: Trainer, steps: int) -> float:
@@ -126,7 +136,12 @@ def main() -> int:
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--objective", default="data2vec", choices=["data2vec", "data2vec2"])
     p.add_argument("--front-end", action="store_true", help="audio: the conv front end's share of an update")
+    p.add_argument("--conv1d-front-end", action="store_true",
+                   help="audio: train the front end as Conv1d blocks, as d2v-train did before it trained the MatMul "
+                        "form (for the side-by-side in docs/benchmarks.md)")
     args = p.parse_args()
+    if args.conv1d_front_end:
+        AudioEncoder.conv_features = conv1d_features
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp))
