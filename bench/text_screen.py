@@ -58,7 +58,7 @@ DOC_HEAD = ["--set", "head_input=document"]
 EMB_LR = ["--set", "embed_lr_scale=15"]
 OWN_TEACHER = ["--set", "teacher.copy=[]", "--set", "ema_decay=0.99999", "--set", "ema_end_decay=0.99999"]
 D2V2_SHORT = D2V2 + ["--recipe", "short"]
-# the recipe as the fifth round ran it, before it took data2vec2's text values of its own (batch 32, M 2, no decoder)
+# the recipe as the fifth round ran it, before it took data2vec2's text values of its own (batch 32, M 4, no decoder)
 D2V2_SHORT_5 = D2V2_SHORT + ["--set", "batch_size=8", "--set", "masking.num_masks=8", "--set", "decoder.layers=5"]
 INSTANCE = ["--set", "model.target_norm=instance"]  # data2vec2's own text targets, which the recipe replaces
 B32_M2 = ["--set", "batch_size=32", "--set", "masking.num_masks=2"]
@@ -144,7 +144,7 @@ CANDIDATES: dict[str, tuple[list[str], str | None, int]] = {
                                                     "--set", "decoder.layers=1"], None, 1000),
     "d2v2-short-b16-m2-dec0-1000": (D2V2_SHORT_5 + ["--set", "batch_size=16", "--set", "masking.num_masks=2",
                                                     "--set", "decoder.layers=0"], None, 1000),
-    "d2v2-short-b32-m2-dec0-1000": (D2V2_SHORT, None, 1000),
+    "d2v2-short-b32-m2-dec0-1000": (D2V2_SHORT + ["--set", "masking.num_masks=2"], None, 1000),
     "short-1000": (["--recipe", "short"], None, 1000),
     "man-defaults": ([], None, STEPS),
     "man-d2v2": (D2V2, None, STEPS),

@@ -276,8 +276,8 @@ def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
     cfg = json.loads(capsys.readouterr().out)  # data2vec2's own text defaults, the recipe on top
     assert cfg["objective"] == "data2vec2" and cfg["head_input"] == "document" and cfg["teacher"]["copy"] == []
     assert cfg["model"]["target_norm"] == "layer"  # data2vec2's instance norm would centre the document away
-    # and data2vec2's own recipe values: no decoder convs under the document head, 2 masks of 32 documents
-    assert cfg["masking"] == dict(defaults("text", "data2vec2")["masking"], mask_prob=0.5, num_masks=2)
+    # and data2vec2's own recipe values: no decoder convs under the document head, 4 masks of 32 documents
+    assert cfg["masking"] == dict(defaults("text", "data2vec2")["masking"], mask_prob=0.5, num_masks=4)
     assert cfg["batch_size"] == 32 and cfg["decoder"]["layers"] == 0
     d2v2 = ["--objective", "data2vec2", "--recipe", "short"]
     for bad, says in ((["--set", "recipe=long"], "unknown recipe 'long'"),
