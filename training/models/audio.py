@@ -107,8 +107,8 @@ class AudioEncoder(nn.Module):
         """Waveform [B, S] -> conv features [B, T, C]. Inference runs the Conv1d blocks (channels first); with
         `channels_last_front_end` set (export sets it while tracing), and whenever gradients flow on CPU (training),
         each block is the same arithmetic as a MatMul over gathered frames, channels last throughout: on CPU its
-        forward + backward is 1.9-2.4x faster than Conv1d's at `tiny` and `small`, and no slower at `base`
-        (docs/benchmarks.md, "Training throughput")."""
+        forward + backward is about 2x faster than Conv1d's at `tiny` and `small`, and no slower at `base`
+        (docs/benchmarks.md, "Training throughput: the audio front end trains as MatMuls")."""
         if self.channels_last_front_end or (torch.is_grad_enabled() and waveform.device.type == "cpu"):
             x = waveform.unsqueeze(-1)
             for block in self.feature_extractor:
