@@ -231,7 +231,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # tiny, seed 1, 1000 updates, the probe 0.514 with 5 layers, 0.614 with 1, 0.632 with none (the projection only);
 # without it, 2 masks of 32 documents per update 0.680 (1 of 32: 0.645, 2 of 16: 0.603; docs/quality.md, "Sixth
 # round"). 4 masks of 32 then beat 2 at equal CPU time over 3 seeds: 0.680 after 2000 updates against 0.664 after
-# 3000 (189 and 182 CPU s), where data2vec with the recipe has 0.673 (docs/benchmarks.md, "Text").
+# 3000 (189 and 182 CPU s), where data2vec with the recipe has 0.672 (docs/benchmarks.md, "Text").
 RECIPE_OBJECTIVES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "short": {"data2vec2": {"text": {"batch_size": 32, "masking": {"num_masks": 4}, "decoder": {"layers": 0}}}},
 }
