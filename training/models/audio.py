@@ -107,13 +107,17 @@ class AudioEncoder(nn.Module):
         """Waveform [B, S] -> conv features [B, T, C]. Inference runs the Conv1d blocks (channels first); with
         `channels_last_front_end` set (export sets it while tracing), and whenever gradients flow on CPU (training),
         each block is the same arithmetic as a MatMul over gathered frames, channels last throughout: on CPU its
-        forward + backward is about 2x faster than Conv1d's at `tiny` and `small`, and no slower at `base`
+        forward + backward is about 2x faster than Conv1d's at `tiny` and `small`, and faster at `base` too
         (docs/benchmarks.md, "Training throughput: the audio front end trains as MatMuls")."""
         if self.channels_last_front_end or (torch.is_grad_enabled() and waveform.device.type == "cpu"):
             x = waveform.unsqueeze(-1)
             for block in self.feature_extractor:
                 x = block.channels_last(x)
             return x
+        return self.conv1d_features(waveform)
+
+    def conv1d_features(self, waveform: Tensor) -> Tensor:
+        """The Conv1d blocks, channels first: the torch reference of the front end."""
         x = waveform.unsqueeze(1)
         for block in self.feature_extractor:
             x = block(x)
