@@ -162,9 +162,10 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
             "teacher": {"drop": ["feature_extractor", "feature_projection", "mask_embedding"], "copy": [],
                         "reads_student_features": True, "mask_param": "mask_embedding"},
             # num_masks 4 (reference 8): since the front end trains as MatMuls, the 8 copies' Transformer work is
-            # most of an update. 8 seeds, 800 updates (docs/benchmarks.md, "Audio: 8 seeds"): M 4 costs 0.71x the
-            # CPU of M 8 and reaches 0.80 / 0.85 / 0.88 / 0.90 2.4-3.0x sooner than data2vec (M 8: 1.7-2.2x), ending
-            # 0.903 (M 8 0.900); M 2 costs 0.57x and ends 0.884, under 0.90.
+            # most of an update. 8 seeds, 800 updates (docs/benchmarks.md, "Audio: 8 seeds", an earlier session's
+            # hours; CPU ratios move with the load): M 4 costs 0.71x the CPU of M 8 and reaches 0.80 / 0.85 / 0.88 /
+            # 0.90 2.4-3.0x sooner than data2vec (M 8: 1.7-2.2x), ending 0.903 (M 8 0.900); M 2 costs 0.57x and
+            # ends 0.884, under 0.90.
             "masking": {"mask_prob": 0.5, "mask_length": 5, "num_masks": 4},
             "decoder": {"dim": None, "kernel": 5, "groups": 16, "layers": 2, "residual": True,
                         "input_dropout": 0.0, "mask_noise_std": 0.01},
