@@ -24,6 +24,7 @@ accuracy at data2vec's final CPU time. CPU time is the main figure: on a shared 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -128,12 +129,16 @@ def _dataset(out: Path, modality: str) -> tuple[Path, Path]:
     data_dir = out / "data" / modality
     done = data_dir / ".built"
     build, _ = BUILDERS[modality]
-    if done.exists():
-        return tuple(Path(p) for p in json.loads(done.read_text(encoding="utf-8")))  # type: ignore[return-value]
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    train, labelled = build(data_dir)
-    done.write_text(json.dumps([str(train), str(labelled)]), encoding="utf-8")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    # several `train` runs started at once into one OUT (seeds in parallel): one builds, the others wait for it
+    with open(data_dir.parent / f"{modality}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return tuple(Path(p) for p in json.loads(done.read_text(encoding="utf-8")))  # type: ignore[return-value]
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        train, labelled = build(data_dir)
+        done.write_text(json.dumps([str(train), str(labelled)]), encoding="utf-8")
     return train, labelled
 
 
@@ -184,7 +189,9 @@ def probe_run(out: Path, run: Path, keep_checkpoints: bool = False) -> int:
         initial = json.loads(initial_cache.read_text(encoding="utf-8"))["accuracy"]
     else:
         initial = _probe(run / f"ckpt-{timeline[0]['step']:06d}.pt", labelled, initial=True)
-        initial_cache.write_text(json.dumps({"accuracy": initial}), encoding="utf-8")
+        partial_cache = initial_cache.with_suffix(f".{os.getpid()}.tmp")  # runs of one seed may probe it at once
+        partial_cache.write_text(json.dumps({"accuracy": initial}), encoding="utf-8")
+        partial_cache.replace(initial_cache)
     partial = timeline[-1]["step"] < meta["steps"]
     cache_path = run / PROBES
     cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}

@@ -141,3 +141,31 @@ def test_report_pairs_each_seed_with_its_own_data2vec_run_and_adds_the_mean(tmp_
 def test_report_without_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no curve.json"):
         obj.main(["report", "--out", str(tmp_path)])
+
+
+def test_runs_started_at_once_build_the_dataset_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from bench import objective_speed, quality
+
+    built = []
+
+    def slow_build(data_dir):
+        built.append(data_dir)
+        (data_dir / "train").mkdir(parents=True)
+        time.sleep(0.3)  # long enough for the other runs to arrive while this one builds
+        (data_dir / "train" / "a.wav").write_bytes(b"x")
+        return data_dir / "train", data_dir / "eval"
+
+    monkeypatch.setitem(quality.BUILDERS, "audio", (slow_build, quality.BUILDERS["audio"][1]))
+    results = []
+    runs = [threading.Thread(target=lambda: results.append(objective_speed._dataset(tmp_path, "audio")))
+            for _ in range(3)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(built) == 1
+    assert results == [(tmp_path / "data" / "audio" / "train", tmp_path / "data" / "audio" / "eval")] * 3
+    assert (tmp_path / "data" / "audio" / "train" / "a.wav").read_bytes() == b"x"
