@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -144,10 +146,7 @@ def test_report_without_runs_is_a_one_line_error(tmp_path):
 
 
 def test_runs_started_at_once_build_the_dataset_once(tmp_path, monkeypatch):
-    import threading
-    import time
-
-    from bench import objective_speed, quality
+    from bench import quality
 
     built = []
 
@@ -160,7 +159,7 @@ def test_runs_started_at_once_build_the_dataset_once(tmp_path, monkeypatch):
 
     monkeypatch.setitem(quality.BUILDERS, "audio", (slow_build, quality.BUILDERS["audio"][1]))
     results = []
-    runs = [threading.Thread(target=lambda: results.append(objective_speed._dataset(tmp_path, "audio")))
+    runs = [threading.Thread(target=lambda: results.append(obj._dataset(tmp_path, "audio")))
             for _ in range(3)]
     for run in runs:
         run.start()

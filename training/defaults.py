@@ -155,8 +155,8 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
             # 0.999: a teacher that stays near its initial weights, as the short text recipe found. The same teacher
             # lifts data2vec too (docs/benchmarks.md), so this is a short-run default, not an objective's advantage.
             # clip_grad 2.0 (reference: none): 8 seeds side by side with data2vec (docs/benchmarks.md, "Audio: 8
-            # seeds"), the mean probe 0.696 / 0.859 / 0.873 / 0.892 / 0.910 / 0.920 at the same updates, 2.9x / 3.0x
-            # / 2.9x less CPU than data2vec to 0.80 / 0.85 / 0.88 where no clipping gives 2.5x / 1.9x / 2.6x.
+            # seeds"), the mean probe 0.696 / 0.859 / 0.873 / 0.892 / 0.910 / 0.920 at the same updates, 2.89x /
+            # 2.95x / 2.88x less CPU than data2vec to 0.80 / 0.85 / 0.88 where no clipping gives 2.5x / 1.9x / 2.6x.
             "lr": 1.5e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01, "clip_grad": 2.0,
             "schedule": "cosine", "warmup_frac": 0.02,
             "ema_decay": 0.9999, "ema_end_decay": 0.99999, "ema_anneal_steps": 75000,
