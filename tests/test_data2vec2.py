@@ -206,7 +206,7 @@ def test_tiny_image_defaults_scale_the_kept_patches_and_decoder_width():
     resolve_derived(cfg, 64, 64)
     assert cfg["masking"]["keep_patches"] == round(39 / 196 * 64) and cfg["decoder"]["dim"] == 64
     audio = resolve_derived({**defaults("audio", "data2vec2"), "steps": 10}, 384, None)
-    assert audio["decoder"]["dim"] == 192 and audio["masking"]["num_masks"] == 4
+    assert audio["decoder"]["dim"] == 192 and audio["masking"]["num_masks"] == 8 and audio["batch_size"] == 2
     assert cfg["masking"]["num_masks"] == 4 and cfg["cls_loss"] == 0.0  # tuned for short tiny runs (defaults.py)
 
 
