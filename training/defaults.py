@@ -140,11 +140,12 @@ OBJECTIVES: dict[str, dict[str, dict[str, Any]]] = {
     "data2vec2": {
         "audio": {
             # batch 2 x 8 masks (before: 4 x 4; reference M 8): 8 seeds side by side with data2vec (docs/benchmarks.md,
-            # "Side by side, 2026-12-03 07:27-08:15"): the front end runs once per item and is most of a `tiny`
-            # update, so half the items with twice the masks costs 0.84x the CPU per update and learns faster per
-            # update early (mean probe 0.759 after 100 updates against 0.696). Over 1200 updates: 4.2x / 3.9x / 3.9x /
-            # 5.3x / 5.3x less CPU than data2vec to 0.80 / 0.85 / 0.88 / 0.90 / 0.91 and 3.6x to data2vec's final
-            # 0.923, ending 0.931; over 800 it stops at 0.905 (the cosine schedule ends before the probe has climbed).
+            # "Side by side, 2026-12-03 07:27-08:15"): the front end runs once per item and is the largest part of a
+            # `tiny` update (41 % at 4 x 4), so half the items with twice the masks costs 0.84x the CPU per update
+            # and learns faster early (mean probe 0.759 after 100 updates against 0.696). Over 1200 updates: 4.2x /
+            # 3.9x / 3.9x / 5.3x / 5.3x less CPU than data2vec to 0.80 / 0.85 / 0.88 / 0.90 / 0.91 and 3.6x to
+            # data2vec's final 0.923, ending 0.931; over 800 it stops at 0.905 (the cosine schedule ends before the
+            # probe has climbed).
             "batch_size": 2,
             # lr, decoder kernel and input_dropout, layerdrop: the reference's 7.5e-4, 7, 0.1, 0.05 learn slower in a
             # short `tiny` run (4 layers). tiny, seed 1, 800 updates (docs/quality.md, "data2vec 2.0"): the reference
