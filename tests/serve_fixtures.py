@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
 
 
 # ---- an in-process server on loopback, in its own thread and event loop ------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServerThread:
