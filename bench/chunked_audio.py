@@ -30,9 +30,9 @@ import numpy as np
 
 from bench.models import DEFAULT_DIR, ensure_models
 from bench.server import D2vServer
-from d2v_serve.chunking import DEFAULT_AUDIO_OVERLAP_S, audio_windows
 from d2v_serve.client import Client, Pcm
-from d2v_serve.model_file import read_metadata
+from d2v_serve.core.chunking import DEFAULT_AUDIO_OVERLAP_S, audio_windows
+from d2v_serve.models.model_file import read_metadata
 
 RATE = 16000
 

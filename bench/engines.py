@@ -40,7 +40,7 @@ def prepared_inputs(model_file: Path, workload_name: str, n: int, seed: int = 0)
     """The model's metadata and the workload's first `n` inputs, preprocessed as the server would."""
     from bench.workloads import WORKLOADS
     from d2v_serve.client import Image
-    from d2v_serve.model_file import read_metadata
+    from d2v_serve.models.model_file import read_metadata
     from d2v_serve.preprocess import decode_image, preprocessing_from_dict
 
     meta = read_metadata(model_file)
@@ -65,10 +65,10 @@ def raw_ort(model_file: Path, workload_name: str, batches: list[int], duration: 
     `cpus` pins this process like the server."""
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    from d2v_serve.backend.runner import Runner, create_session
     from d2v_serve.config import ServerConfig
+    from d2v_serve.models.registry import runtime_settings
     from d2v_serve.preprocess import collate
-    from d2v_serve.registry import runtime_settings
-    from d2v_serve.runtime import Runner, create_session
 
     meta, items = prepared_inputs(model_file, workload_name, max(4 * max(batches), 64))
     if sort_by_length:
@@ -133,7 +133,7 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     from d2v.export.graph import graph_module
     from d2v.training.checkpoint import load_checkpoint, load_encoder
     from d2v.training.models import EncoderConfig
-    from d2v_serve.runtime import session_options  # the server's: what it runs is what is compared
+    from d2v_serve.backend.runner import session_options  # the server's: what it runs is what is compared
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)

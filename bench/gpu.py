@@ -61,7 +61,7 @@ def fp16_check(model_file: Path) -> dict[str, Any]:
     """The fp16 export's CUDA figures (pooled cosine vs torch fp32) and whether a CUDA session really runs it."""
     import onnxruntime as ort
 
-    from d2v_serve.model_file import read_metadata
+    from d2v_serve.models.model_file import read_metadata
 
     fp16 = read_metadata(model_file)["parity"].get("fp16", {})
     cuda = fp16.get("cuda") if isinstance(fp16.get("cuda"), dict) else {}

@@ -36,8 +36,8 @@ from d2v.export.graph import graph_module  # noqa: E402
 from d2v.export.verify import min_cosine, pooled  # noqa: E402
 from d2v.training.checkpoint import load_checkpoint, load_encoder  # noqa: E402
 from d2v.training.models import EncoderConfig  # noqa: E402
-from d2v_serve.model_file import read_metadata  # noqa: E402
-from d2v_serve.runtime import session_options  # noqa: E402
+from d2v_serve.backend.runner import session_options  # noqa: E402
+from d2v_serve.models.model_file import read_metadata  # noqa: E402
 
 
 def batch_inputs(cfg: EncoderConfig, batch: int, length: int, mixed: bool) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ._proto.d2v.v1 import embedder_pb2 as pb
 from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .errors import INPUT_INDEX_KEY
-from .tensors import from_tensor
+from .transport.tensors import from_tensor
 
 POOLING = {"none": pb.POOLING_NONE, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
 REPRESENTATION = {"last": pb.REPRESENTATION_LAST_LAYER, "target": pb.REPRESENTATION_TARGET}

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from .backend.runner import RuntimeSettings, cpu_cores
 from .config import ServerConfig
+from .core.postprocess import output_options
+from .core.preparation import prepare
+from .core.request import EmbedOptions, Input
 from .errors import ServeError
-from .inputs import prepare
-from .model_file import ModelFileError
-from .postprocess import output_options
+from .models.model_file import ModelFileError
+from .models.registry import Model, load_model
 from .preprocess import PreprocessError, collate
-from .registry import Model, load_model
-from .request import EmbedOptions, Input
-from .runtime import RuntimeSettings, cpu_cores
 
 EXTENSIONS = {
     "audio": (".wav", ".flac", ".ogg", ".mp3"),

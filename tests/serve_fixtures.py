@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from d2v_serve.config import ServerConfig
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from d2v_serve.preprocess import Preprocessing, preprocessing_from_dict
 from d2v_serve.server import Server
 
@@ -139,7 +139,7 @@ class ServerThread:
 
 def hold_batchers(monkeypatch: Any) -> threading.Event:
     """Keep every batcher that starts from now on in its warming state until the returned event is set."""
-    from d2v_serve import batcher as batcher_module
+    from d2v_serve.core import batcher as batcher_module
 
     release = threading.Event()
     original_main = batcher_module.Batcher._main

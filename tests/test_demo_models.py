@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from d2v_serve.cli import DEMO_MODELS
 from d2v_serve.client import Audio, Client
 from d2v_serve.client import Image as ImageInput
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from tests.serve_fixtures import ServerThread, encode_image
 
 SENTENCES = ["The ferry leaves the harbour at dawn.", "A violin is tuned before the concert.",

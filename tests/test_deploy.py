@@ -139,7 +139,7 @@ def test_runtime_stage(stage: str) -> None:
     assert ops["STOPSIGNAL"] == ["SIGTERM"]
     assert json.loads(ops["ENTRYPOINT"][0]) == ["/usr/local/lib/d2v/docker-entrypoint.sh"]
     health_cmd = ops["HEALTHCHECK"][0]
-    assert json.loads(health_cmd.split(" CMD ", 1)[1])[0] == "d2v-probe"
+    assert json.loads(health_cmd.split(" CMD ", 1)[1])[0] == "d2v-healthcheck"
     for flag in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert flag in health_cmd
 
@@ -284,7 +284,7 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
         name = _installed_name(folder)
         assert name in listed, f"{folder}/ (installed as {name}) missing from pyproject's packages"
         assert f"{name.replace('.', '/')}/__init__.py" in names, f"{name} missing from the wheel"
-    assert "d2v_serve/probe.py" in names and "d2v/training/cli.py" in names and "d2v/export/cli.py" in names
+    assert "d2v_serve/healthcheck.py" in names and "d2v/training/cli.py" in names and "d2v/export/cli.py" in names
     assert f"d2v-{PYPROJECT['project']['version']}.dist-info/licenses/LICENSE" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"d2v", "d2v_serve"}, "no generic top-level modules (training, export) in site-packages"
@@ -319,7 +319,7 @@ def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]
 def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     assert "--models" in _run([str(venv / "bin/d2v-serve"), "--help"], timeout=120).stdout
-    assert "--target" in _run([str(venv / "bin/d2v-probe"), "--help"], timeout=60).stdout
+    assert "--target" in _run([str(venv / "bin/d2v-healthcheck"), "--help"], timeout=60).stdout
 
 
 NEEDS_EXTRA = {"d2v-train": ("training", "train"), "d2v-import-hf": ("training", "train"),
@@ -410,7 +410,7 @@ def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[
     assert proc.returncode == 0, out[-2000:]
 
 
-def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> None:
+def test_installed_healthcheck_against_a_server(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -420,9 +420,9 @@ def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> No
     try:
         env = {**os.environ, "D2V_PROBE_TARGET": f"127.0.0.1:{port}"}
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        _run([str(venv / "bin/d2v-probe")], env=env, timeout=60)
+        _run([str(venv / "bin/d2v-healthcheck")], env=env, timeout=60)
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        r = subprocess.run([str(venv / "bin/d2v-probe")], env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([str(venv / "bin/d2v-healthcheck")], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "NOT_SERVING" in r.stderr
     finally:
         server.stop(None)

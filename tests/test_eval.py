@@ -17,10 +17,10 @@ from d2v.training.cli import main as train_main
 from d2v.training.defaults import defaults, resolve_derived
 from d2v.training.evaluate import CheckpointEmbedder, evaluate
 from d2v.training.evaluate import main as eval_main
+from d2v_serve.core.postprocess import output_options
+from d2v_serve.core.request import EmbedOptions
 from d2v_serve.errors import ServeError
 from d2v_serve.evaluate import EvalError, linear_probe, read_labelled
-from d2v_serve.postprocess import output_options
-from d2v_serve.request import EmbedOptions
 from tests.factories import make_model_file, write_tiny_checkpoint
 from tests.test_train import SETS
 

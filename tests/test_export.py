@@ -24,7 +24,7 @@ from d2v.export.pipeline import TOLERANCE_ENV
 from d2v.export.variants import FUSED_OPS
 from d2v.training.checkpoint import encoder_config, load_checkpoint, load_encoder, save_checkpoint
 from d2v.training.import_hf import import_hf
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from d2v_serve.preprocess import audio_frames, preprocessing_from_dict
 from tests.factories import write_tiny_checkpoint
 from tests.hf_models import hf_audio, hf_image

@@ -545,7 +545,7 @@ def asyncio_submit(srv: ServerThread, coro: object) -> concurrent.futures.Future
 
 
 def test_failed_warmup_stops_the_start_with_a_reason(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2v_serve.runtime import Runner
+    from d2v_serve.backend.runner import Runner
 
     def broken(self: Runner, feeds: dict, outputs: list) -> dict:
         raise Exception("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : kernel\nfailed")  # ORT's own base class

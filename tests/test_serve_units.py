@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
-from d2v_serve.batcher import Batcher, BatchPolicy, Item
 from d2v_serve.client import sniff
 from d2v_serve.config import ServerConfig, parse_config
+from d2v_serve.core.batcher import Batcher, BatchPolicy, Item
+from d2v_serve.core.postprocess import DTYPES, POOLINGS, OutputOptions
 from d2v_serve.errors import ServeError
-from d2v_serve.model_file import ModelFileError, read_metadata
-from d2v_serve.postprocess import DTYPES, POOLINGS, OutputOptions
-from d2v_serve.tensors import from_tensor, to_tensor
+from d2v_serve.models.model_file import ModelFileError, read_metadata
+from d2v_serve.transport.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
 
 try:
@@ -153,8 +153,8 @@ def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
 
 
 def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
+    from d2v_serve.models.registry import batch_policy
     from d2v_serve.preprocess import AudioPreprocessing
-    from d2v_serve.registry import batch_policy
 
     base_text = {"modality": "text", "hidden_size": 768, "num_layers": 12}
     cpu = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=False)
@@ -247,8 +247,8 @@ def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
     """The CUDA path (IOBinding, only the asked-for outputs copied back) checked on CPU."""
     import onnxruntime as ort
 
+    from d2v_serve.backend.runner import Runner
     from d2v_serve.preprocess import collate
-    from d2v_serve.runtime import Runner
 
     model = make_tiny_model("text", tmp_path)
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -262,7 +262,7 @@ def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
 
 
 def test_ort_log_lines_are_parsed() -> None:
-    from d2v_serve.ort_log import parse
+    from d2v_serve.backend.ort_log import parse
 
     text = ("\x1b[1;31m2026-12-01 21:21:39.774 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
             "Failed to load library x.so with error: libcublasLt.so.13: cannot open shared object file\n\x1b[m\n"
@@ -279,7 +279,7 @@ def test_ort_log_lines_are_parsed() -> None:
 
 _CAPTURE_SCRIPT = """
 import logging, os, sys
-from d2v_serve import ort_log
+from d2v_serve.backend import ort_log
 from d2v_serve.logs import setup_logging
 setup_logging("info", "json")
 lines = []
@@ -309,7 +309,7 @@ def test_ort_output_on_both_descriptors_becomes_log_records() -> None:
 _SESSION_SCRIPT = """
 import sys
 from d2v_serve.logs import setup_logging
-from d2v_serve.runtime import RuntimeSettings, create_session
+from d2v_serve.backend.runner import RuntimeSettings, create_session
 setup_logging("debug" if sys.argv[2] == "auto" else "info", "json")
 try:
     print(create_session(sys.argv[1], RuntimeSettings(device=sys.argv[2])).get_providers()[0])
@@ -331,7 +331,7 @@ def test_sessions_log_only_json_and_say_why_cuda_is_not_used(device: str) -> Non
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stderr.splitlines()]  # raises on any line that is not JSON
-    warnings = [e for e in records if e["level"] == "warning" and e["logger"] == "d2v_serve.runtime"]
+    warnings = [e for e in records if e["level"] == "warning" and e["logger"] == "d2v_serve.backend.runner"]
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cpu" or not has_cuda:
         assert warnings == [] and (r.stdout.strip() == "CPUExecutionProvider" or device == "cuda")

@@ -39,7 +39,7 @@ from d2v_serve.evaluate import (
     read_labelled,
     representations,
 )
-from d2v_serve.model_file import ModelFileError, read_metadata
+from d2v_serve.models.model_file import ModelFileError, read_metadata
 
 AUTO = "auto"  # --baseline without a path: the checkpoint's own initial weights
 

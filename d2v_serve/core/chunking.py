@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import audio_frames, max_text_chars, min_audio_samples
+from ..preprocess import audio_frames, max_text_chars, min_audio_samples
 
 # Audio window when a model file does not record its training crop: fairseq's data2vec / wav2vec 2.0 crop,
 # 250 000 samples at 16 kHz.

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ._proto.d2v.v1 import embedder_pb2 as pb
-from .core import EmbeddingCore, EmbedResult, ModelInfo, model_info
-from .errors import INPUT_INDEX_KEY, ServeError, shutting_down
-from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from .._proto.d2v.v1 import embedder_pb2 as pb
+from ..core.engine import EmbeddingCore, EmbedResult, ModelInfo, model_info
+from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from ..errors import INPUT_INDEX_KEY, ServeError, shutting_down
 from .tensors import fill_tensor
 from .wire import parse
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import failed_precondition, invalid_argument
-from .registry import REPRESENTATIONS, Model
+from ..errors import failed_precondition, invalid_argument
+from ..models.registry import REPRESENTATIONS, Model
 from .request import EmbedOptions
 
 POOLINGS = ("mean", "none", "cls")

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher, BatchPolicy
-from .chunking import ChunkDefaults, audio_defaults, text_defaults
-from .config import ServerConfig
+from ..backend.runner import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
+from ..config import ServerConfig
+from ..core.batcher import Batcher, BatchPolicy
+from ..core.chunking import ChunkDefaults, audio_defaults, text_defaults
+from ..preprocess import Preprocessing, audio_frames, max_text_chars, min_audio_samples, preprocessing_from_dict
 from .model_file import ModelFileError, read_metadata
-from .preprocess import Preprocessing, audio_frames, max_text_chars, min_audio_samples, preprocessing_from_dict
-from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
 
 log = logging.getLogger(__name__)
 

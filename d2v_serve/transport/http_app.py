@@ -33,9 +33,10 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import ServerConfig
-from .core import EmbeddingCore, EmbedResult, model_info
-from .errors import ServeError, deadline_exceeded, invalid_argument, shutting_down
+from ..config import ServerConfig
+from ..core.engine import EmbeddingCore, EmbedResult, model_info
+from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from ..errors import ServeError, deadline_exceeded, invalid_argument, shutting_down
 from .http_schema import (
     EmbedBody,
     EmbeddingsRequest,
@@ -46,7 +47,6 @@ from .http_schema import (
     ModelCard,
     ModelList,
 )
-from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunking import ChunkPlan, Window, audio_windows, text_windows
-from .errors import ServeError, failed_precondition, invalid_argument
-from .preprocess import (
+from ..errors import ServeError, failed_precondition, invalid_argument
+from ..models.registry import Model
+from ..preprocess import (
     InputTooLarge,
     InputTooLong,
     PreprocessError,
@@ -24,7 +24,7 @@ from .preprocess import (
     normalize_waveform,
     pcm_to_waveform,
 )
-from .registry import Model
+from .chunking import ChunkPlan, Window, audio_windows, text_windows
 from .request import Chunking, Input, Pcm
 
 KIND_MODALITY = {"audio": "audio", "pcm": "audio", "image": "image", "text": "text"}

@@ -20,16 +20,16 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from . import metrics
+from .. import metrics
+from ..config import ServerConfig
+from ..errors import ServeError, internal, invalid_argument, not_found, shutting_down, unavailable
+from ..models.registry import REPRESENTATIONS, Model
+from ..preprocess import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, audio_frames, frame_limit
 from .batcher import Batcher, Item, ItemResult
 from .chunking import ChunkPlan, WindowPart, join
-from .config import ServerConfig
-from .errors import ServeError, internal, invalid_argument, not_found, shutting_down, unavailable
-from .inputs import Prepared, check_modality, chunk_plan, input_bytes, input_modality, prepare, prepare_texts
 from .memory import release_free_memory
 from .postprocess import OutputOptions, output_options
-from .preprocess import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, audio_frames, frame_limit
-from .registry import REPRESENTATIONS, Model
+from .preparation import Prepared, check_modality, chunk_plan, input_bytes, input_modality, prepare, prepare_texts
 from .relay import Relay
 from .request import EmbedOptions, EmbedRequest, Input, Pcm
 
