@@ -45,7 +45,7 @@ def prepared_inputs(model_file: Path, workload_name: str, n: int, seed: int = 0)
 
     meta = read_metadata(model_file)
     workload = WORKLOADS[workload_name]
-    pre = preprocessing_from_dict(meta["modality"], meta["preprocessing"])
+    pre = preprocessing_from_dict(meta.modality, meta.preprocessing)
     out = []
     for x in workload.inputs(meta, n, seed):
         if isinstance(x, str):
@@ -74,12 +74,12 @@ def raw_ort(model_file: Path, workload_name: str, batches: list[int], duration: 
     if sort_by_length:
         items = sorted(items, key=len)
     settings = runtime_settings(ServerConfig(intra_op_threads=threads, device=device), 1)
-    runner = Runner(create_session(str(model_file), settings, prefer_cpu=meta.get("precision") == "int8"))
-    pad_id = meta["preprocessing"].get("pad_id", 1)
+    runner = Runner(create_session(str(model_file), settings, prefer_cpu=meta.precision == "int8"))
+    pad_id = meta.preprocessing.get("pad_id", 1)
     outputs = ["last_hidden_state", "output_mask"]
     results = []
     for batch in batches:
-        feeds = [collate(meta["modality"], items[i: i + batch], pad_id)
+        feeds = [collate(meta.modality, items[i: i + batch], pad_id)
                  for i in range(0, len(items) - batch + 1, batch)]
         # a short run covers only the first batches: in a random order they sample every length, not the shortest
         feeds = [feeds[k] for k in np.random.default_rng(batch).permutation(len(feeds))]

@@ -63,7 +63,7 @@ def fp16_check(model_file: Path) -> dict[str, Any]:
 
     from d2v_serve.models.model_file import read_metadata
 
-    fp16 = read_metadata(model_file)["parity"].get("fp16", {})
+    fp16 = read_metadata(model_file).parity.get("fp16", {})
     cuda = fp16.get("cuda") if isinstance(fp16.get("cuda"), dict) else {}
     session = ort.InferenceSession(str(model_file), providers=[CUDA, "CPUExecutionProvider"])
     provider = session.get_providers()[0]

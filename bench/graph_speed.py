@@ -89,7 +89,7 @@ def torch_op_shares(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
 def exported(ckpt_path: Path, path: Path, say, **kwargs: Any) -> dict[str, Any]:
     """The export report of `path`: from its metadata when the file is there already, else by exporting."""
     if path.exists():
-        return {"path": str(path), "parity": read_metadata(path)["parity"]}
+        return {"path": str(path), "parity": read_metadata(path).parity}
     return export_model(ckpt_path, path, progress=say, **kwargs)
 
 

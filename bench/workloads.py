@@ -39,7 +39,7 @@ class Workload:
             lo, hi = self.seconds
             return [Pcm((0.1 * rng.standard_normal(int(rng.uniform(lo, hi) * SAMPLE_RATE))).astype(np.float32),
                         SAMPLE_RATE) for _ in range(n)]
-        return images(int(meta.get("image_size", 224)), n, rng)
+        return images(meta.image_size, n, rng)
 
     def distinct(self, calls: int, pool: int) -> int:
         """How many of `calls` inputs differed, given `pool` made up front and `variant` on reuse."""
@@ -54,7 +54,7 @@ class Workload:
     def mean_units(self, meta: dict[str, Any], items: list[Any]) -> float:
         """The mean of `units` over `items` (the tokenizer is built once, not per input)."""
         if self.modality == "text":
-            pre = preprocessing_from_dict("text", meta["preprocessing"])
+            pre = preprocessing_from_dict("text", meta.preprocessing)
             return sum(float(len(pre.prepare(item))) for item in items) / len(items)
         if self.modality == "audio":
             return sum(len(item.samples) / item.sample_rate for item in items) / len(items)
@@ -83,8 +83,8 @@ def parse_workloads(text: str, allowed: dict[str, Workload] | None = None) -> li
 
 def texts(meta: dict[str, Any], tokens: int, n: int, rng: np.random.Generator) -> list[str]:
     """n distinct random sentences of `tokens` tokens (or the nearest above) under the model's tokenizer."""
-    pre = preprocessing_from_dict("text", meta["preprocessing"])
-    limit = min(pre.max_length, int(meta.get("max_positions") or pre.max_length))
+    pre = preprocessing_from_dict("text", meta.preprocessing)
+    limit = min(pre.max_length, (meta.max_positions or pre.max_length))
     if tokens > limit:
         raise ValueError(f"the text model takes at most {limit} tokens, the workload needs {tokens}")
     out: list[str] = []

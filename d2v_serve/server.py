@@ -155,12 +155,13 @@ class Server:
         self.serving = False
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
-            self.core.begin_drain()
-            if not await self.core.wait_idle(grace):
-                cut = self.core.cut()
+            drain = self.core.drain
+            drain.begin()
+            if not await drain.wait_idle(grace):
+                cut = drain.cut()
                 log.warning("grace period over; calls still in flight end UNAVAILABLE", extra={"calls": cut})
-                await self.core.wait_idle(_CUT_S)
-            await self.core.wait_quiet(_QUIET_S, max(0.0, min(_QUIET_S * 4, deadline - time.monotonic())))
+                await drain.wait_idle(_CUT_S)
+            await drain.wait_quiet(_QUIET_S, max(0.0, min(_QUIET_S * 4, deadline - time.monotonic())))
         left = max(0.0, deadline - time.monotonic())
         await asyncio.gather(*([self._server.stop(left)] if self._server is not None else []),
                              *([self._http.stop(max(1.0, left))] if self._http is not None else []))

@@ -57,7 +57,7 @@ def make_tiny_model(modality: str, directory: Path, precision: str = "fp32") -> 
     meta = read_metadata(path)
     ckpt = tiny_checkpoint(modality)
     reference = graph_module(load_encoder(ckpt), encoder_config(ckpt))
-    return TinyModel(path, modality, meta, preprocessing_from_dict(modality, meta["preprocessing"]), reference)
+    return TinyModel(path, modality, meta, preprocessing_from_dict(modality, meta.preprocessing), reference)
 
 
 # ---- media made on the fly ----------------------------------------------------------------------------------

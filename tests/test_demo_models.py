@@ -56,7 +56,7 @@ def test_one_valid_model_file_per_modality() -> None:
     assert [f.name for f in files] == ["demo-audio.onnx", "demo-image.onnx", "demo-text.onnx"]
     for f in files:
         meta = read_metadata(f)
-        assert f.stem == f"demo-{meta['modality']}" and meta["precision"] == "fp32"
+        assert f.stem == f"demo-{meta.modality}" and meta.precision == "fp32"
         assert f.stat().st_size < 4 * 2**20
 
 

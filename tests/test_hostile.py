@@ -34,7 +34,7 @@ from tests.serve_fixtures import ServerThread
 CORPUS = hostile.corpus()
 ADDRESS = re.compile(r"0x[0-9a-f]{6,}|object at")
 PCM_ENCODING = {"float32": pb.Pcm.ENCODING_FLOAT32, "int16": pb.Pcm.ENCODING_INT16}
-DEMO_TEXT = preprocessing_from_dict("text", read_metadata(DEMO_MODELS / "demo-text.onnx")["preprocessing"])
+DEMO_TEXT = preprocessing_from_dict("text", read_metadata(DEMO_MODELS / "demo-text.onnx").preprocessing)
 MODEL = {"audio": "demo-audio", "pcm": "demo-audio", "image": "demo-image", "text": "demo-text"}
 
 

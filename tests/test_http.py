@@ -335,7 +335,7 @@ def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -
 
         srv.call(srv.server._mark_down(TEXT_MODEL))  # what a dead worker does
         assert call(f"{srv.http_url}/health")[0] == 503
-        srv.server.core.begin_drain()
+        srv.server.core.drain.begin()
         status, headers, body = call(f"{srv.http_url}/v1/embeddings", {"input": "after"})
         assert status == 503 and headers["retry-after"] == "1" and "shutting down" in body["error"]["message"]
     finally:

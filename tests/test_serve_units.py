@@ -20,7 +20,7 @@ from d2v_serve.config import ServerConfig, parse_config
 from d2v_serve.core.batcher import Batcher, BatchPolicy, Item
 from d2v_serve.core.postprocess import DTYPES, POOLINGS, OutputOptions
 from d2v_serve.errors import ServeError
-from d2v_serve.models.model_file import ModelFileError, read_metadata
+from d2v_serve.models.model_file import ModelFileError, ModelFileMeta, read_metadata
 from d2v_serve.transport.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
 
@@ -152,22 +152,32 @@ def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
     assert b._wait_for_more(now + 0.001) == 0  # draining: no waiting
 
 
+def _meta(modality: str, hidden_size: int, num_layers: int, **facts: object) -> ModelFileMeta:
+    return ModelFileMeta(modality=modality, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
+                         precision="fp32", preprocessing={}, representations={}, **facts)
+
+
 def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
     from d2v_serve.models.registry import batch_policy
-    from d2v_serve.preprocess import AudioPreprocessing
+    from d2v_serve.preprocess import AudioPreprocessing, conv_stride
 
-    base_text = {"modality": "text", "hidden_size": 768, "num_layers": 12}
+    base_text = _meta("text", 768, 12)
     cpu = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=False)
     assert 200 <= cpu.fill <= 260 and cpu.limit == cpu.fill and cpu.max_padding == 0.1
     assert cpu.attention_length == 6 * 768  # attention's work equals the rest at 4608 tokens
     cuda = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=True)
     assert cuda.fill == 0 and cuda.limit == cuda.budget == ServerConfig().max_batch_tokens
-    tiny = batch_policy(ServerConfig(), {**base_text, "hidden_size": 64, "num_layers": 4}, None, 512, False)
+    tiny = batch_policy(ServerConfig(), _meta("text", 64, 4), None, 512, False)
     assert tiny.limit == tiny.budget  # an overhead-bound model batches as much as it may
     conv = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2  # strides multiply to 320 samples per frame
-    audio = {"modality": "audio", "hidden_size": 768, "num_layers": 12, "conv_layers": conv}
+    audio = _meta("audio", 768, 12, conv_layers=conv, conv_stride=conv_stride(conv))
     policy = batch_policy(ServerConfig(max_padding=0.2), audio, AudioPreprocessing(), 0, on_cuda=False)
     assert 200 * 320 <= policy.fill <= 260 * 320 and policy.max_padding == 0.2  # samples: 320 per frame
+    # images cost pixels: a patch of 8 is a quarter of the pixels per position of a patch of 16
+    by_patch = {p: batch_policy(ServerConfig(), _meta("image", 768, 12, image_size=224, patch_size=p), None, 0,
+                                on_cuda=False) for p in (8, 16)}
+    assert by_patch[16].fill == pytest.approx(4 * by_patch[8].fill, abs=4)  # whole pixels
+    assert by_patch[16].attention_length == 4 * by_patch[8].attention_length
 
 
 def test_a_batch_is_pooled_as_each_input_alone() -> None:
@@ -207,8 +217,8 @@ def test_queue_bound_counts_reserved_inputs() -> None:
 def test_read_metadata_round_trip(tmp_path: Path) -> None:
     model = make_tiny_model("text", tmp_path)
     meta = read_metadata(model.path)
-    assert meta["modality"] == "text" and meta["max_positions"] == 64 and meta["precision"] == "fp32"
-    assert meta["preprocessing"]["tokenizer"] == model.preprocessing.tokenizer_json
+    assert meta.modality == "text" and meta.max_positions == 64 and meta.precision == "fp32"
+    assert meta.preprocessing["tokenizer"] == model.preprocessing.tokenizer_json
 
 
 def _rewrite(path: Path, dst: Path, edit: object) -> Path:
@@ -231,8 +241,15 @@ def test_read_metadata_rejects_bad_files(tmp_path: Path) -> None:
         junk: "not a readable ONNX file",
         tmp_path / "missing.onnx": "no such file",
         _rewrite(model.path, tmp_path / "plain.onnx", lambda p: {}): "no 'd2v' metadata",
-        _rewrite(model.path, tmp_path / "v2.onnx", lambda p: {"d2v": json.dumps(
-            {**json.loads(p["d2v"]), "format_version": 2})}): "format_version 2 is not supported",
+        _rewrite(model.path, tmp_path / "v3.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "format_version": 3})}): "format_version 3 is not supported",
+        _rewrite(model.path, tmp_path / "patch.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "patch_size": 7})}): "not a multiple of patch_size 7",
+        _rewrite(model.path, tmp_path / "nopatch.onnx", lambda p: {"d2v": json.dumps(
+            {k: v for k, v in json.loads(p["d2v"]).items() if k != "patch_size"})}): "lacks patch_size",
+        _rewrite(model.path, tmp_path / "pool.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "representations": {"last": {"output": "last_hidden_state",
+                                                                  "poolings": ["max"]}}})}): "poolings among",
         _rewrite(model.path, tmp_path / "wrong.onnx", lambda p: {"d2v": json.dumps(
             {**json.loads(p["d2v"]), "inputs": ["input_ids"]})}): "graph inputs",
         _rewrite(model.path, tmp_path / "notjson.onnx", lambda p: {"d2v": "{"}): "not JSON",

@@ -38,11 +38,11 @@ class ChunkDefaults:
     max_tokens: int = 0
 
 
-def audio_defaults(meta: dict, sample_rate: int, max_audio_seconds: float, max_chunked_seconds: float
-                   ) -> ChunkDefaults:
+def audio_defaults(training_crop_seconds: float | None, sample_rate: int, max_audio_seconds: float,
+                   max_chunked_seconds: float) -> ChunkDefaults:
     """The model file's training crop (recorded at export; DEFAULT_AUDIO_WINDOW_S for files without it), within
     the server's --max-audio-seconds."""
-    window = min(float(meta.get("training_crop_seconds") or DEFAULT_AUDIO_WINDOW_S), max_audio_seconds)
+    window = min(float(training_crop_seconds or DEFAULT_AUDIO_WINDOW_S), max_audio_seconds)
     return ChunkDefaults(window, min(DEFAULT_AUDIO_OVERLAP_S, window / 2), max_seconds=max_chunked_seconds)
 
 

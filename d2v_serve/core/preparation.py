@@ -20,7 +20,6 @@ from ..preprocess import (
     decode_audio,
     decode_image,
     frame_limit,
-    min_audio_samples,
     normalize_waveform,
     pcm_to_waveform,
 )
@@ -62,7 +61,7 @@ def chunk_plan(model: Model, chunking: Chunking) -> ChunkPlan | None:
         if window > limit:
             raise invalid_argument(f"chunking window {window:g} s is over the server's --max-audio-seconds "
                                    f"({limit:g} s)")
-        shortest = min_audio_samples(model.meta["conv_layers"]) / rate
+        shortest = model.meta.receptive_field / rate
         if window < shortest:
             raise invalid_argument(f"chunking window {window:g} s is shorter than one frame ({shortest:g} s)")
         if overlap >= window:
@@ -226,7 +225,7 @@ def _audio_windows(model: Model, waveform: np.ndarray, rate: int, truncate: bool
         return dataclasses.replace(_audio(model, waveform, rate, truncate=False), truncated=truncated)
     pre = model.preprocessing
     samples = dataclasses.replace(pre, normalize=False).prepare(waveform, rate)
-    windows = audio_windows(len(samples), plan.window, plan.overlap, model.meta["conv_layers"])
+    windows = audio_windows(len(samples), plan.window, plan.overlap, model.meta.conv_layers)
     values = [samples[w.start: w.end] for w in windows]
     if pre.normalize:
         values = [normalize_waveform(v) for v in values]
