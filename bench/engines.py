@@ -114,11 +114,6 @@ def batch_inputs(cfg: Any, batch: int, length: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
-
-
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
@@ -134,6 +129,7 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     from d2v.training.checkpoint import load_checkpoint, load_encoder
     from d2v.training.models import EncoderConfig
     from d2v_serve.backend.runner import session_options  # the server's: what it runs is what is compared
+    from d2v_serve.preprocess import masked_mean
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -143,14 +139,14 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with torch.no_grad():
         hidden, _, mask = module(**tensors)
-        reference = pooled(hidden.numpy(), mask.numpy())
+        reference = masked_mean(hidden.numpy(), mask.numpy())
         out: dict[str, Any] = {"batch": batch, "length": length, "threads": threads,
                                "torch_s": round(median_seconds(lambda: module(**tensors), repeat), 4)}
     for name, path in model_files.items():
         session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         hidden, mask = session.run(["last_hidden_state", "output_mask"], inputs)
         out[f"{name}_s"] = round(median_seconds(lambda s=session: s.run(None, inputs), repeat), 4)
-        out[f"{name}_cosine"] = round(float(cosines(pooled(hidden, mask), reference).min()), 6)
+        out[f"{name}_cosine"] = round(float(cosines(masked_mean(hidden, mask), reference).min()), 6)
     return out
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ServeError, failed_precondition, invalid_argument
+from ..media import is_data_uri, parse_data_uri
 from ..models.registry import Model
 from ..preprocess import (
     InputTooLarge,
@@ -238,12 +237,9 @@ def _audio_windows(model: Model, waveform: np.ndarray, rate: int, truncate: bool
 
 def _image_bytes(data: bytes) -> bytes:
     """Image bytes, or the payload of a `data:image/...;base64,` URI."""
-    if not data[:5].lower() == b"data:":
+    if not is_data_uri(data):
         return data
-    header, sep, payload = data.partition(b",")
-    if not sep or not header.lower().endswith(b";base64"):
-        raise PreprocessError("data URI must be data:<type>;base64,<payload>")
     try:
-        return base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as exc:
-        raise PreprocessError(f"data URI payload is not base64: {exc}") from None
+        return parse_data_uri(data)[1]
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from None

@@ -13,7 +13,7 @@ from .audio import (
     normalize_waveform,
     pcm_to_waveform,
 )
-from .batch import MODALITIES, Preprocessing, collate, preprocessing_from_dict
+from .batch import MODALITIES, Preprocessing, collate, masked_mean, preprocessing_from_dict
 from .errors import InputTooLarge, InputTooLong, PreprocessError
 from .image import IMAGE_FORMATS, ImagePreprocessing, decode_image
 from .text import TextPreprocessing, clip_text, max_text_chars, tokenizer_from_hf_files, train_bpe_tokenizer
@@ -34,6 +34,7 @@ __all__ = [
     "check_sample_rate",
     "clip_text",
     "frame_limit",
+    "masked_mean",
     "max_text_chars",
     "min_audio_samples",
     "collate",

@@ -37,6 +37,7 @@ from ..core.engine import EmbeddingCore
 from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 from ..core.results import EmbedResult
 from ..errors import ServeError, invalid_argument
+from ..media import is_data_uri, parse_data_uri
 from .http_schema import (
     EmbedBody,
     EmbeddingsRequest,
@@ -176,14 +177,19 @@ def _too_large(limit: int) -> str:
 
 def decode_base64(text: str, what: str) -> bytes:
     """Standard base64, or the payload of a `data:<type>;base64,` URI. Raises ServeError."""
-    if text[:5].lower() == "data:":
-        header, sep, text = text.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise invalid_argument(f"{what}: a data URI must be data:<type>;base64,<payload>")
+    if is_data_uri(text):
+        return _data_uri(text, what)[1]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise invalid_argument(f"{what} is not valid base64") from None
+
+
+def _data_uri(text: str, what: str) -> tuple[str, bytes]:
+    try:
+        return parse_data_uri(text)
+    except ValueError as exc:
+        raise invalid_argument(f"{what}: {exc}") from None
 
 
 def openai_input(item: Any, modality: str | None) -> Input:
@@ -194,11 +200,12 @@ def openai_input(item: Any, modality: str | None) -> Input:
         raise invalid_argument("must be a string")
     if modality == "text":
         return Input("text", item)
-    if item[:5].lower() == "data:":
-        kind = _MEDIA_KINDS.get(item[5:].split("/", 1)[0].lower(), modality)
+    if is_data_uri(item):
+        media_type, payload = _data_uri(item, "the data URI")
+        kind = _MEDIA_KINDS.get(media_type.split("/", 1)[0].lower(), modality)
         if kind not in ("audio", "image"):
             raise invalid_argument("a data URI of type audio/* or image/* is expected")
-        return Input(kind, decode_base64(item, "the data URI"))
+        return Input(kind, payload)
     if modality in ("audio", "image"):
         raise invalid_argument(f"model takes {modality}: send a data:{modality}/...;base64, URI of the file")
     return Input("text", item)
