@@ -1,5 +1,5 @@
-"""The hand-off of item results from worker threads to the event loop (d2v_serve/relay.py) and the preprocessing
-byte budget (core.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release; the
+"""The hand-off of item results from worker threads to the event loop (d2v_serve/core/relay.py) and the
+preprocessing byte budget (core.budget.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release; the
 gauges read at scrape time."""
 
 from __future__ import annotations
