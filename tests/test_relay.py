@@ -1,6 +1,6 @@
 """The hand-off of item results from worker threads to the event loop (d2v_serve/core/relay.py) and the
-preprocessing byte budget (core.budget.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release; the
-gauges read at scrape time."""
+preprocessing byte budget (core.budget.ByteBudget): results, failures, cancellation, one loop wake-up per burst,
+waiting and release; the gauges read at scrape time."""
 
 from __future__ import annotations
 
