@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from d2v_serve.client import Image, Pcm
+from d2v_serve.models.model_file import ModelFileMeta
 from d2v_serve.preprocess import preprocessing_from_dict
 
 WORDS = ("the of and to in is was for that with as by on from at are this his an be which or had not it have "
@@ -30,7 +31,7 @@ class Workload:
     def unit(self) -> str:
         return {"text": "tokens", "audio": "audio_s", "image": "images"}[self.modality]
 
-    def inputs(self, meta: dict[str, Any], n: int, seed: int = 0) -> list[Any]:
+    def inputs(self, meta: ModelFileMeta, n: int, seed: int = 0) -> list[Any]:
         """n distinct inputs for the model described by `meta` (its tokenizer sets the text lengths)."""
         rng = np.random.default_rng(seed)
         if self.modality == "text":
@@ -47,11 +48,11 @@ class Workload:
             return min(calls, pool * 2 * max(1, self.tokens - 2))  # ~one word per token, specials aside
         return calls if self.modality == "audio" else min(calls, pool)
 
-    def units(self, meta: dict[str, Any], item: Any) -> float:
+    def units(self, meta: ModelFileMeta, item: Any) -> float:
         """What one input counts for in `unit`: its tokens, its seconds of audio, one image."""
         return self.mean_units(meta, [item])
 
-    def mean_units(self, meta: dict[str, Any], items: list[Any]) -> float:
+    def mean_units(self, meta: ModelFileMeta, items: list[Any]) -> float:
         """The mean of `units` over `items` (the tokenizer is built once, not per input)."""
         if self.modality == "text":
             pre = preprocessing_from_dict("text", meta.preprocessing)
@@ -81,7 +82,7 @@ def parse_workloads(text: str, allowed: dict[str, Workload] | None = None) -> li
     return [table[n] for n in names]
 
 
-def texts(meta: dict[str, Any], tokens: int, n: int, rng: np.random.Generator) -> list[str]:
+def texts(meta: ModelFileMeta, tokens: int, n: int, rng: np.random.Generator) -> list[str]:
     """n distinct random sentences of `tokens` tokens (or the nearest above) under the model's tokenizer."""
     pre = preprocessing_from_dict("text", meta.preprocessing)
     limit = min(pre.max_length, (meta.max_positions or pre.max_length))
