@@ -30,6 +30,7 @@ from tests.serve_fixtures import encode_audio, encode_image, picture, tone
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 OUTPUTS = GOLDEN / "outputs.npz"
+ENVIRONMENT = "_environment"  # where the recording was made (see `environment`)
 TINY_MODELS = GOLDEN / "models"  # tiny random models written by the exporter of main at 2dbf5b9
 DEMO_NAMES = ("demo-audio", "demo-image", "demo-text")
 TINY_NAMES = ("tiny-audio", "tiny-image", "tiny-text")
@@ -204,6 +205,21 @@ def fold(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if "/http/" not in k or not same(v, arrays.get(k.replace("/http/", "/grpc/")))}
 
 
+def environment() -> str:
+    """What decides the last bits of a float result besides our code: the runtime, numpy and the CPU's vector units
+    (ONNX Runtime picks its kernels by them)."""
+    import platform
+
+    import onnxruntime
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    units = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, {platform.machine()} {' '.join(units)}"
+
+
 def served_models() -> dict[str, str]:
     return {name: name.split("-", 1)[1] for name in (*DEMO_NAMES, *TINY_NAMES)}
 
@@ -236,6 +252,7 @@ def main() -> None:
                                                             http_port=free_port()) as server:
         arrays = record(server.target, server.http_url, served_models())
     arrays = fold(arrays)
+    arrays[ENVIRONMENT] = np.array(environment())
     np.savez_compressed(OUTPUTS, **arrays)
     print(f"{len(arrays)} arrays -> {OUTPUTS} ({OUTPUTS.stat().st_size / 1e3:.0f} kB)")
 
