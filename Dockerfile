@@ -48,7 +48,7 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 8080 9090
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-probe", "--timeout", "4"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-healthcheck", "--timeout", "4"]
 ENTRYPOINT ["/usr/local/lib/d2v/docker-entrypoint.sh"]
 CMD []
 
@@ -83,6 +83,6 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 8080 9090
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-probe", "--timeout", "4"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["d2v-healthcheck", "--timeout", "4"]
 ENTRYPOINT ["/usr/local/lib/d2v/docker-entrypoint.sh"]
 CMD []

@@ -30,9 +30,9 @@ import numpy as np
 
 from bench.models import DEFAULT_DIR, ensure_models
 from bench.server import D2vServer
-from d2v_serve.chunking import DEFAULT_AUDIO_OVERLAP_S, audio_windows
 from d2v_serve.client import Client, Pcm
-from d2v_serve.model_file import read_metadata
+from d2v_serve.core.chunking import DEFAULT_AUDIO_OVERLAP_S, audio_windows
+from d2v_serve.models.model_file import read_metadata
 
 RATE = 16000
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         info = client.describe_model("audio")
         window_s = info["chunk_window"]
         windows = audio_windows(len(samples), int(window_s * RATE), int(DEFAULT_AUDIO_OVERLAP_S * RATE),
-                                meta["conv_layers"])
+                                meta.conv_layers)
         pieces = [samples[w.start: w.end] for w in windows]
         kept = np.array([w.keep[1] - w.keep[0] for w in windows], dtype=np.float64)
 

@@ -121,7 +121,7 @@ def machine() -> dict[str, Any]:
     import numpy
     import onnxruntime
 
-    from d2v_serve.runtime import cpu_cores
+    from d2v_serve.backend.runner import cpu_cores
 
     cpu = ""
     try:
@@ -187,7 +187,7 @@ def say(message: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.models import ensure_models
     from bench.server import D2vServer
-    from d2v_serve.runtime import cpu_cores
+    from d2v_serve.backend.runner import cpu_cores
 
     mode = MODES[args.mode]
     workloads: list[Workload] = args.workload_list

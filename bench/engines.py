@@ -40,12 +40,12 @@ def prepared_inputs(model_file: Path, workload_name: str, n: int, seed: int = 0)
     """The model's metadata and the workload's first `n` inputs, preprocessed as the server would."""
     from bench.workloads import WORKLOADS
     from d2v_serve.client import Image
-    from d2v_serve.model_file import read_metadata
+    from d2v_serve.models.model_file import read_metadata
     from d2v_serve.preprocess import decode_image, preprocessing_from_dict
 
     meta = read_metadata(model_file)
     workload = WORKLOADS[workload_name]
-    pre = preprocessing_from_dict(meta["modality"], meta["preprocessing"])
+    pre = preprocessing_from_dict(meta.modality, meta.preprocessing)
     out = []
     for x in workload.inputs(meta, n, seed):
         if isinstance(x, str):
@@ -65,21 +65,21 @@ def raw_ort(model_file: Path, workload_name: str, batches: list[int], duration: 
     `cpus` pins this process like the server."""
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    from d2v_serve.backend.runner import Runner, create_session
     from d2v_serve.config import ServerConfig
+    from d2v_serve.models.registry import runtime_settings
     from d2v_serve.preprocess import collate
-    from d2v_serve.registry import runtime_settings
-    from d2v_serve.runtime import Runner, create_session
 
     meta, items = prepared_inputs(model_file, workload_name, max(4 * max(batches), 64))
     if sort_by_length:
         items = sorted(items, key=len)
     settings = runtime_settings(ServerConfig(intra_op_threads=threads, device=device), 1)
-    runner = Runner(create_session(str(model_file), settings, prefer_cpu=meta.get("precision") == "int8"))
-    pad_id = meta["preprocessing"].get("pad_id", 1)
+    runner = Runner(create_session(str(model_file), settings, prefer_cpu=meta.precision == "int8"))
+    pad_id = meta.preprocessing.get("pad_id", 1)
     outputs = ["last_hidden_state", "output_mask"]
     results = []
     for batch in batches:
-        feeds = [collate(meta["modality"], items[i: i + batch], pad_id)
+        feeds = [collate(meta.modality, items[i: i + batch], pad_id)
                  for i in range(0, len(items) - batch + 1, batch)]
         # a short run covers only the first batches: in a random order they sample every length, not the shortest
         feeds = [feeds[k] for k in np.random.default_rng(batch).permutation(len(feeds))]
@@ -114,11 +114,6 @@ def batch_inputs(cfg: Any, batch: int, length: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
-
-
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
@@ -133,7 +128,8 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     from d2v.export.graph import graph_module
     from d2v.training.checkpoint import load_checkpoint, load_encoder
     from d2v.training.models import EncoderConfig
-    from d2v_serve.runtime import session_options  # the server's: what it runs is what is compared
+    from d2v_serve.backend.runner import session_options  # the server's: what it runs is what is compared
+    from d2v_serve.preprocess import masked_mean
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -143,14 +139,14 @@ def torch_vs_ort(checkpoint: Path, model_files: dict[str, Path], batch: int, len
     tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with torch.no_grad():
         hidden, _, mask = module(**tensors)
-        reference = pooled(hidden.numpy(), mask.numpy())
+        reference = masked_mean(hidden.numpy(), mask.numpy())
         out: dict[str, Any] = {"batch": batch, "length": length, "threads": threads,
                                "torch_s": round(median_seconds(lambda: module(**tensors), repeat), 4)}
     for name, path in model_files.items():
         session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         hidden, mask = session.run(["last_hidden_state", "output_mask"], inputs)
         out[f"{name}_s"] = round(median_seconds(lambda s=session: s.run(None, inputs), repeat), 4)
-        out[f"{name}_cosine"] = round(float(cosines(pooled(hidden, mask), reference).min()), 6)
+        out[f"{name}_cosine"] = round(float(cosines(masked_mean(hidden, mask), reference).min()), 6)
     return out
 
 

@@ -61,9 +61,9 @@ def fp16_check(model_file: Path) -> dict[str, Any]:
     """The fp16 export's CUDA figures (pooled cosine vs torch fp32) and whether a CUDA session really runs it."""
     import onnxruntime as ort
 
-    from d2v_serve.model_file import read_metadata
+    from d2v_serve.models.model_file import read_metadata
 
-    fp16 = read_metadata(model_file)["parity"].get("fp16", {})
+    fp16 = read_metadata(model_file).parity.get("fp16", {})
     cuda = fp16.get("cuda") if isinstance(fp16.get("cuda"), dict) else {}
     session = ort.InferenceSession(str(model_file), providers=[CUDA, "CPUExecutionProvider"])
     provider = session.get_providers()[0]

@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.models import write_checkpoint  # noqa: E402
 from d2v.export import export_model  # noqa: E402
 from d2v.export.graph import graph_module  # noqa: E402
-from d2v.export.verify import min_cosine, pooled  # noqa: E402
+from d2v.export.verify import min_cosine  # noqa: E402
 from d2v.training.checkpoint import load_checkpoint, load_encoder  # noqa: E402
 from d2v.training.models import EncoderConfig  # noqa: E402
-from d2v_serve.model_file import read_metadata  # noqa: E402
-from d2v_serve.runtime import session_options  # noqa: E402
+from d2v_serve.backend.runner import session_options  # noqa: E402
+from d2v_serve.models.model_file import read_metadata  # noqa: E402
+from d2v_serve.preprocess import masked_mean  # noqa: E402
 
 
 def batch_inputs(cfg: EncoderConfig, batch: int, length: int, mixed: bool) -> dict[str, np.ndarray]:
@@ -89,7 +90,7 @@ def torch_op_shares(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
 def exported(ckpt_path: Path, path: Path, say, **kwargs: Any) -> dict[str, Any]:
     """The export report of `path`: from its metadata when the file is there already, else by exporting."""
     if path.exists():
-        return {"path": str(path), "parity": read_metadata(path)["parity"]}
+        return {"path": str(path), "parity": read_metadata(path).parity}
     return export_model(ckpt_path, path, progress=say, **kwargs)
 
 
@@ -167,7 +168,7 @@ def main() -> None:
                 result[f"threads_{threads}"]["fused_over_unfused"] = round(
                     best["ort_fp32_unfused"] / best["ort_fp32"], 3)
         valid = sessions["ort_fp32"].run(["output_mask"], inputs)[0]  # output positions that are real
-        int8, fp32, eager = (pooled(outputs[n], valid) for n in ("ort_int8", "ort_fp32", "torch_eager"))
+        int8, fp32, eager = (masked_mean(outputs[n], valid) for n in ("ort_int8", "ort_fp32", "torch_eager"))
         result["int8_pooled_cosine_vs_fp32"] = round(min_cosine(int8, fp32), 6)
         result["fp32_pooled_cosine_vs_torch"] = round(min_cosine(fp32, eager), 6)
         diff = np.abs(outputs["ort_fp32"] - outputs["torch_eager"])[valid.astype(bool)].max()

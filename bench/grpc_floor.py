@@ -24,8 +24,8 @@ async def serve(port: int, delay_s: float, hidden: int) -> None:
     from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
     from d2v_serve.config import ServerConfig
     from d2v_serve.server import grpc_options
-    from d2v_serve.service import SERVICE_NAME
-    from d2v_serve.tensors import to_tensor
+    from d2v_serve.transport.grpc_service import SERVICE_NAME
+    from d2v_serve.transport.tensors import to_tensor
 
     canned = pb.EmbedResponse(embeddings=[pb.Embedding(tensor=to_tensor(np.zeros(hidden, np.float32)))])
 

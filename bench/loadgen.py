@@ -239,7 +239,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 async def run(args: argparse.Namespace) -> LoadResult:
     from bench.server import batch_stats
-    from d2v_serve.model_file import read_metadata
+    from d2v_serve.models.model_file import read_metadata
 
     workload = WORKLOADS[args.workload]
     meta = read_metadata(args.model_file)

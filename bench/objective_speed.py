@@ -143,7 +143,7 @@ def _dataset(out: Path, modality: str) -> tuple[Path, Path]:
 
 
 def _probe(ckpt: Path, labelled: Path, initial: bool = False) -> float:
-    from d2v.training.evaluate import evaluate
+    from d2v.eval.cli import evaluate
 
     report = evaluate(ckpt, labelled, baseline="auto" if initial else None)
     return report["models"]["initial" if initial else "pretrained"][REPRESENTATION]["accuracy"]

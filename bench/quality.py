@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from d2v.training.evaluate import evaluate  # noqa: E402
+from d2v.eval.cli import evaluate  # noqa: E402
 
 STEPS = {"image": 2500, "audio": 2000, "text": 3000}  # each a few minutes on one free CPU core
 # Per-modality `d2v-train --set` overrides for these runs: text uses the short-run recipe (`--recipe short`,
@@ -208,7 +208,7 @@ def run_modality(modality: str, out: Path, steps: int, sets: list[str], seed: in
     report = evaluate(run / "ckpt.pt", labelled, baseline="auto", plot=plot)
     eval_s = time.perf_counter() - start
     x, y = features(labelled)
-    from d2v_serve.evaluate import linear_probe
+    from d2v.eval.probe import linear_probe
 
     hand = linear_probe(x, y)
     result = {"modality": modality, "steps": steps, "sets": sets, "seed": seed, "train_wall_s": round(wall, 1),

@@ -6,7 +6,7 @@
 A bag-of-words model (word2vec's CBOW): a masked word is predicted from the mean of the embeddings of the visible
 words of its document, through a two-layer head (as data2vec's text head), on bench/quality.py's topic corpus with
 data2vec's text masking rate (15 %; `--mask-prob`), batch 32, AdamW at 3e-3, cosine with 1 % warmup. A document's
-vector is the mean of its words' embeddings, probed like the models' (`d2v_serve.evaluate.linear_probe`). Only the
+vector is the mean of its words' embeddings, probed like the models' (`d2v.eval.probe.linear_probe`). Only the
 objective changes between rows:
 - `ce`: cross-entropy over the vocabulary (tied embeddings): masked language modelling;
 - `regress-random`: squared error onto a fixed random code per word (layer-normalised): what data2vec regresses
@@ -38,7 +38,7 @@ def train_bag(objective: str, train: list[str], labelled: list[dict], steps: int
     import torch
     import torch.nn.functional as F
 
-    from d2v_serve.evaluate import linear_probe
+    from d2v.eval.probe import linear_probe
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -328,7 +328,7 @@ def apply_variant(variant: str) -> None:
 
 
 def run(name: str, out: Path, seed: int, steps: int | None = None) -> dict:
-    from d2v.training.evaluate import evaluate
+    from d2v.eval.cli import evaluate
 
     extra, variant, default_steps = CANDIDATES[name]
     steps = steps or default_steps
@@ -363,7 +363,7 @@ def lsa_reference(out: Path, width: int = 64) -> dict:
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import CountVectorizer
 
-    from d2v_serve.evaluate import linear_probe
+    from d2v.eval.probe import linear_probe
 
     train, labelled = corpus(out, "topics")
     rows = [json.loads(line) for line in labelled.read_text(encoding="utf-8").splitlines()]

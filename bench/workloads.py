@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from d2v_serve.client import Image, Pcm
+from d2v_serve.models.model_file import ModelFileMeta
 from d2v_serve.preprocess import preprocessing_from_dict
 
 WORDS = ("the of and to in is was for that with as by on from at are this his an be which or had not it have "
@@ -30,7 +31,7 @@ class Workload:
     def unit(self) -> str:
         return {"text": "tokens", "audio": "audio_s", "image": "images"}[self.modality]
 
-    def inputs(self, meta: dict[str, Any], n: int, seed: int = 0) -> list[Any]:
+    def inputs(self, meta: ModelFileMeta, n: int, seed: int = 0) -> list[Any]:
         """n distinct inputs for the model described by `meta` (its tokenizer sets the text lengths)."""
         rng = np.random.default_rng(seed)
         if self.modality == "text":
@@ -39,7 +40,7 @@ class Workload:
             lo, hi = self.seconds
             return [Pcm((0.1 * rng.standard_normal(int(rng.uniform(lo, hi) * SAMPLE_RATE))).astype(np.float32),
                         SAMPLE_RATE) for _ in range(n)]
-        return images(int(meta.get("image_size", 224)), n, rng)
+        return images(meta.image_size, n, rng)
 
     def distinct(self, calls: int, pool: int) -> int:
         """How many of `calls` inputs differed, given `pool` made up front and `variant` on reuse."""
@@ -47,14 +48,14 @@ class Workload:
             return min(calls, pool * 2 * max(1, self.tokens - 2))  # ~one word per token, specials aside
         return calls if self.modality == "audio" else min(calls, pool)
 
-    def units(self, meta: dict[str, Any], item: Any) -> float:
+    def units(self, meta: ModelFileMeta, item: Any) -> float:
         """What one input counts for in `unit`: its tokens, its seconds of audio, one image."""
         return self.mean_units(meta, [item])
 
-    def mean_units(self, meta: dict[str, Any], items: list[Any]) -> float:
+    def mean_units(self, meta: ModelFileMeta, items: list[Any]) -> float:
         """The mean of `units` over `items` (the tokenizer is built once, not per input)."""
         if self.modality == "text":
-            pre = preprocessing_from_dict("text", meta["preprocessing"])
+            pre = preprocessing_from_dict("text", meta.preprocessing)
             return sum(float(len(pre.prepare(item))) for item in items) / len(items)
         if self.modality == "audio":
             return sum(len(item.samples) / item.sample_rate for item in items) / len(items)
@@ -81,10 +82,10 @@ def parse_workloads(text: str, allowed: dict[str, Workload] | None = None) -> li
     return [table[n] for n in names]
 
 
-def texts(meta: dict[str, Any], tokens: int, n: int, rng: np.random.Generator) -> list[str]:
+def texts(meta: ModelFileMeta, tokens: int, n: int, rng: np.random.Generator) -> list[str]:
     """n distinct random sentences of `tokens` tokens (or the nearest above) under the model's tokenizer."""
-    pre = preprocessing_from_dict("text", meta["preprocessing"])
-    limit = min(pre.max_length, int(meta.get("max_positions") or pre.max_length))
+    pre = preprocessing_from_dict("text", meta.preprocessing)
+    limit = min(pre.max_length, (meta.max_positions or pre.max_length))
     if tokens > limit:
         raise ValueError(f"the text model takes at most {limit} tokens, the workload needs {tokens}")
     out: list[str] = []

@@ -20,7 +20,7 @@ DEMO_MODELS = Path(__file__).resolve().parent / "demo_models"
 def serve_main(argv: Sequence[str] | None = None) -> int:
     from .config import parse_config
     from .logs import setup_logging
-    from .model_file import ModelFileError
+    from .models.model_file import ModelFileError
     from .server import Server
 
     try:

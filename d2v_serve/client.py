@@ -20,15 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ._proto.d2v.v1 import embedder_pb2 as pb
 from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .errors import INPUT_INDEX_KEY
-from .tensors import from_tensor
+from .media import MEDIA_SUFFIXES
+from .transport.tensors import from_tensor
 
 POOLING = {"none": pb.POOLING_NONE, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
 REPRESENTATION = {"last": pb.REPRESENTATION_LAST_LAYER, "target": pb.REPRESENTATION_TARGET}
 DTYPE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
 _MODALITY_NAMES = {pb.MODALITY_AUDIO: "audio", pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text"}
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
-_AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64"}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -80,9 +79,9 @@ def sniff(data: bytes) -> str:
 def file_modality(path: Path, data: bytes) -> str:
     """'audio' or 'image' from a file's suffix, else from its first bytes; ValueError when neither says."""
     suffix = path.suffix.lower()
-    if suffix in _AUDIO_SUFFIXES:
+    if suffix in MEDIA_SUFFIXES["audio"]:
         return "audio"
-    if suffix in _IMAGE_SUFFIXES:
+    if suffix in MEDIA_SUFFIXES["image"]:
         return "image"
     try:
         return sniff(data)

@@ -15,6 +15,7 @@ DISTRIBUTION = "d2v"
 EXTRA_MODULES = {
     "train": {"torch", "safetensors", "tqdm", "yaml", "matplotlib"},
     "export": {"torch", "onnx", "onnxscript", "onnxconverter_common"},
+    "eval": {"sklearn", "matplotlib", "tqdm"},
 }
 
 
@@ -52,3 +53,7 @@ def import_hf_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     return run_with_extra("d2v.export.cli", "d2v-export", "export", argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return run_with_extra("d2v.eval.cli", "d2v-eval", "eval", argv)

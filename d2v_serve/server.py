@@ -14,16 +14,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import metrics
-from .auth import BearerTokenInterceptor
-from .batcher import Batcher
+from .backend.runner import cpu_cores
 from .config import ServerConfig
-from .core import EmbeddingCore
-from .http_api import create_app
-from .http_server import HttpServer
-from .reflection import enable_reflection
-from .registry import Model, load_models
-from .runtime import cpu_cores
-from .service import SERVICE_NAME, EmbedderService, add_to_server
+from .core.batcher import Batcher
+from .core.engine import EmbeddingCore
+from .models.registry import Model, load_models
+from .transport.auth import BearerTokenInterceptor
+from .transport.grpc_service import SERVICE_NAME, EmbedderService, add_to_server
+from .transport.http_app import create_app
+from .transport.http_server import HttpServer
+from .transport.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
 _CUT_S = 2.0  # after the grace, time for the cut calls to send their UNAVAILABLE
@@ -155,12 +155,13 @@ class Server:
         self.serving = False
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
-            self.core.begin_drain()
-            if not await self.core.wait_idle(grace):
-                cut = self.core.cut()
+            drain = self.core.drain
+            drain.begin()
+            if not await drain.wait_idle(grace):
+                cut = drain.cut()
                 log.warning("grace period over; calls still in flight end UNAVAILABLE", extra={"calls": cut})
-                await self.core.wait_idle(_CUT_S)
-            await self.core.wait_quiet(_QUIET_S, max(0.0, min(_QUIET_S * 4, deadline - time.monotonic())))
+                await drain.wait_idle(_CUT_S)
+            await drain.wait_quiet(_QUIET_S, max(0.0, min(_QUIET_S * 4, deadline - time.monotonic())))
         left = max(0.0, deadline - time.monotonic())
         await asyncio.gather(*([self._server.stop(left)] if self._server is not None else []),
                              *([self._http.stop(max(1.0, left))] if self._http is not None else []))

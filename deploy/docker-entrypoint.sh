@@ -3,7 +3,7 @@
 # - Serves the models mounted at $D2V_MODELS_MOUNT (default /models) when that folder holds *.onnx files, else the
 #   demo models bundled in the package. An explicit --models argument or D2V_MODELS variable wins.
 # - Arguments are passed on to d2v-serve (e.g. `docker run IMAGE --port 50052`); a first argument that is not an
-#   option runs as a command instead (e.g. `docker run IMAGE d2v-probe --target host:50051`, `... sh`).
+#   option runs as a command instead (e.g. `docker run IMAGE d2v-healthcheck --target host:50051`, `... sh`).
 set -eu
 
 case "${1:-}" in

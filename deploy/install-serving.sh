@@ -26,7 +26,7 @@ if "$venv/bin/python" -c "import torch" 2>/dev/null; then
     exit 1
 fi
 "$venv/bin/d2v-serve" --help >/dev/null
-"$venv/bin/d2v-probe" --help >/dev/null
+"$venv/bin/d2v-healthcheck" --help >/dev/null
 
 if [ -n "${CUDA_VERSION:-}" ]; then
     sh "$(dirname "$0")/check-cuda.sh" "$venv"

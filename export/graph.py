@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 
 import onnx
@@ -17,14 +16,10 @@ from torch.export import Dim
 
 from d2v.training.models import EncoderConfig, EncoderOutput
 from d2v.training.targets import target_representation
+from d2v_serve.models.model_file import GRAPH_OUTPUTS
+from d2v_serve.preprocess import conv_stride, min_audio_samples
 
 OPSET = 18  # the dynamo exporter's lowest; ORT >= 1.14 runs it
-INPUTS = {
-    "audio": ["input_values", "attention_mask"],
-    "image": ["pixel_values"],
-    "text": ["input_ids", "attention_mask"],
-}
-OUTPUTS = ["last_hidden_state", "target_hidden_state", "output_mask"]
 LENGTH_AXIS = {"audio": ("samples", "frames"), "text": ("tokens", "tokens")}
 
 
@@ -70,19 +65,6 @@ def graph_module(encoder: nn.Module, cfg: EncoderConfig) -> _Exportable:
     return GRAPHS[cfg.modality](encoder, cfg).eval()
 
 
-def receptive_field(conv_layers: list[list[int]]) -> int:
-    """Fewest samples that give one audio frame."""
-    n = 1
-    for _, kernel, stride in reversed(conv_layers):
-        n = (n - 1) * stride + kernel
-    return n
-
-
-def total_stride(conv_layers: list[list[int]]) -> int:
-    """Samples per audio frame."""
-    return math.prod(stride for _, _, stride in conv_layers)
-
-
 def max_tokens(cfg: EncoderConfig) -> int:
     """Most tokens (specials included) the position table holds: RoBERTa positions start after pad_id."""
     return cfg.max_positions - cfg.pad_id - 1
@@ -94,9 +76,9 @@ def _example(cfg: EncoderConfig) -> tuple[dict[str, Tensor], dict[str, dict[int,
         size = cfg.image_size
         return {"pixel_values": torch.zeros(2, cfg.num_channels, size, size)}, {"pixel_values": {0: batch}}
     if cfg.modality == "audio":
-        n = receptive_field(cfg.conv_layers) + 7 * total_stride(cfg.conv_layers)
+        n = min_audio_samples(cfg.conv_layers) + 7 * conv_stride(cfg.conv_layers)
         values = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
-        length = Dim("samples", min=receptive_field(cfg.conv_layers))
+        length = Dim("samples", min=min_audio_samples(cfg.conv_layers))
         inputs = {"input_values": values, "attention_mask": torch.ones(2, n, dtype=torch.int64)}
     else:
         n = min(12, max_tokens(cfg))
@@ -121,8 +103,9 @@ def export_graph(module: _Exportable, cfg: EncoderConfig, opset: int = OPSET) ->
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (), kwargs=inputs, input_names=list(inputs), output_names=OUTPUTS, opset_version=opset,
-                dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, optimize=True, verbose=False,
+                module, (), kwargs=inputs, input_names=list(inputs), output_names=list(GRAPH_OUTPUTS),
+                opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, optimize=True,
+                verbose=False,
             )
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,4 +1,5 @@
-"""The model file describes itself: JSON under key "d2v" in the ONNX `metadata_props` (schema in the contracts)."""
+"""The model file describes itself: `d2v_serve.models.model_file.ModelFileMeta`, as JSON under key "d2v" in the ONNX
+`metadata_props`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import onnx
 
 from d2v.training.checkpoint import D2V_VERSION
 from d2v.training.models import EncoderConfig
+from d2v_serve.models.model_file import (
+    METADATA_KEY,
+    POOLINGS,
+    PRECISIONS,
+    REPRESENTATIONS,
+    ModelFileMeta,
+    OutputKind,
+)
+from d2v_serve.preprocess import conv_stride, min_audio_samples
 
-from .graph import INPUTS, OUTPUTS, max_tokens
-
-KEY = "d2v"
-FORMAT = "d2v-onnx"
-FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+from .graph import max_tokens
 
 
 def sha256_file(path: str | Path) -> str:
@@ -57,57 +62,53 @@ def training_crop_seconds(ckpt: dict[str, Any]) -> float | None:
     return float(samples) / int(ckpt["preprocessing"].get("sample_rate", 16000))
 
 
+def pooled_target(cfg: EncoderConfig) -> bool:
+    """Whether the target space carries information when pooled over time: not when each layer is instance-normalised
+    over time without a final norm (its mean over time is zero by construction)."""
+    return not (cfg.target_norm == "instance" and not cfg.target_final_norm)
+
+
 def build_metadata(ckpt: dict[str, Any], cfg: EncoderConfig, *, precision: str, checkpoint: str | Path,
-                   checkpoint_sha256: str, opset: int, parity: dict[str, Any]) -> dict[str, Any]:
+                   checkpoint_sha256: str, opset: int, parity: dict[str, Any]) -> ModelFileMeta:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "modality": cfg.modality,
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_layers,
-        "num_heads": cfg.num_heads,
-        "inputs": list(INPUTS[cfg.modality]),
-        "outputs": list(OUTPUTS),
-        "precision": precision,
-        "preprocessing": ckpt["preprocessing"],
-    }
+    fields: dict[str, Any] = {}
     if cfg.modality == "audio":
-        meta["conv_layers"] = [list(c) for c in cfg.conv_layers]
-        crop = training_crop_seconds(ckpt)
-        if crop is not None:
-            meta["training_crop_seconds"] = crop
+        layers = tuple(tuple(c) for c in cfg.conv_layers)
+        fields.update(conv_layers=layers, conv_stride=conv_stride(layers), receptive_field=min_audio_samples(layers),
+                      training_crop_seconds=training_crop_seconds(ckpt))
     elif cfg.modality == "image":
-        meta["image_size"] = cfg.image_size
+        fields.update(image_size=cfg.image_size, patch_size=cfg.patch_size)
     else:
-        meta["max_positions"] = text_max_positions(cfg, ckpt["preprocessing"])
-    meta["target_layers"] = cfg.target_layers
+        fields["max_positions"] = text_max_positions(cfg, ckpt["preprocessing"])
     source: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "checkpoint": Path(checkpoint).name}
     if isinstance(ckpt.get("source"), dict):  # imported checkpoints say where they came from
         source["imported"] = ckpt["source"]
-    meta["source"] = source
-    meta["exporter"] = versions(opset)
-    meta["parity"] = parity
-    return meta
+    target_poolings = POOLINGS if pooled_target(cfg) else ("none",)
+    return ModelFileMeta(
+        modality=cfg.modality, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+        precision=precision, preprocessing=ckpt["preprocessing"],
+        representations={"last": OutputKind(REPRESENTATIONS["last"]),
+                         "target": OutputKind(REPRESENTATIONS["target"], target_poolings)},
+        target_layers=cfg.target_layers, source=source, exporter=versions(opset), parity=parity, **fields)
 
 
-def attach(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
+def attach(model: onnx.ModelProto, meta: ModelFileMeta) -> None:
     """Set the "d2v" entry (replacing an old one); compact JSON, key order as built, so files are reproducible."""
     for i, prop in enumerate(model.metadata_props):
-        if prop.key == KEY:
+        if prop.key == METADATA_KEY:
             del model.metadata_props[i]
             break
     entry = model.metadata_props.add()
-    entry.key = KEY
-    entry.value = json.dumps(meta, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(meta.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def read(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
-    """The "d2v" metadata of a model (or file: loaded without its graph's external data)."""
+def read(model: onnx.ModelProto | str | Path) -> ModelFileMeta:
+    """The contract of a model (or file: loaded without its graph's external data)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     for prop in model.metadata_props:
-        if prop.key == KEY:
-            return json.loads(prop.value)
-    raise KeyError(f"no '{KEY}' metadata in the model")
+        if prop.key == METADATA_KEY:
+            return ModelFileMeta.from_dict(json.loads(prop.value))
+    raise KeyError(f"no '{METADATA_KEY}' metadata in the model")

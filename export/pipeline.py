@@ -150,7 +150,7 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
 
     batches = verification_inputs(cfg, ckpt["preprocessing"])
     shapes = [shape_of(b) for b in batches]
-    pooled_target = not (cfg.target_norm == "instance" and not cfg.target_final_norm)
+    pooled_target = metadata.pooled_target(cfg)
     say(f"verifying fp32 against torch on CPUExecutionProvider, shapes {shapes}")
     reference = V.torch_reference(module, batches)
     fp32 = _check("fp32", V.compare(reference, V.run(V.session(model.SerializeToString()), batches),
@@ -186,7 +186,7 @@ def export_model(ckpt_path: str | Path, out_path: str | Path, *, fp16: bool = Fa
     size = _write_atomic(model, out_path)
     seconds = time.perf_counter() - started
     report = {"path": str(out_path), "modality": cfg.modality, "precision": precision, "fused": fuse,
-              "size_bytes": size, "export_seconds": round(seconds, 2), "parity": parity, "metadata": meta}
+              "size_bytes": size, "export_seconds": round(seconds, 2), "parity": parity, "metadata": meta.to_dict()}
     report["summary"] = summary_line(report)
     return report
 

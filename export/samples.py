@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from d2v.training.models import EncoderConfig
+from d2v_serve.preprocess import conv_stride, min_audio_samples
 
-from .graph import max_tokens, receptive_field, total_stride
+from .graph import max_tokens
 
 # Frames (audio) / tokens (text) per item; image batches have only a size. Lengths are capped by the model.
 AUDIO_FRAMES = [[23], [31, 12, 25], [9, 17]]
@@ -25,7 +26,7 @@ def verification_inputs(cfg: EncoderConfig, preprocessing: dict[str, Any], seed:
         return [{"pixel_values": rng.standard_normal((b, cfg.num_channels, size, size)).astype(np.float32)}
                 for b in IMAGE_BATCHES]
     if cfg.modality == "audio":
-        field, stride = receptive_field(cfg.conv_layers), total_stride(cfg.conv_layers)
+        field, stride = min_audio_samples(cfg.conv_layers), conv_stride(cfg.conv_layers)
         # odd sample counts (not whole frames), so the frame arithmetic at the edges is exercised too
         lengths = [[field + (f - 1) * stride + stride // 3 for f in frames] for frames in AUDIO_FRAMES]
         return [_padded([rng.standard_normal(n).astype(np.float32) for n in ns], "input_values", 0)

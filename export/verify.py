@@ -8,6 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from d2v_serve.preprocess import masked_mean
+
 HIDDEN = ("last_hidden_state", "target_hidden_state")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -35,12 +37,6 @@ def run(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> lis
     return [dict(zip(names, sess.run(None, inputs), strict=True)) for inputs in batches]
 
 
-def pooled(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean over valid positions: [B, T, D] -> [B, D] (float64)."""
-    w = mask.astype(np.float64)[..., None]
-    return (x.astype(np.float64) * w).sum(1) / np.maximum(w.sum(1), 1.0)
-
-
 def compare(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
             pooled_target: bool = True) -> dict[str, Any]:
     """Figures over all batches: worst max abs diff on valid positions, worst pooled cosine (mean over valid
@@ -63,7 +59,7 @@ def compare(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarr
                 raise ValueError(f"{name} has shape {o.shape}, torch gives {r.shape}")
             finite &= bool(np.isfinite(o[valid]).all())
             diff[name] = max(diff[name], float(np.abs(o[valid] - r[valid]).max()))
-            pooled_cos[name] = min(pooled_cos[name], min_cosine(pooled(o, mask), pooled(r, mask)))
+            pooled_cos[name] = min(pooled_cos[name], min_cosine(masked_mean(o, mask), masked_mean(r, mask)))
             flat_o = (o.astype(np.float64) * w).reshape(len(o), -1)
             flat_r = (r.astype(np.float64) * w).reshape(len(r), -1)
             item_cos[name] = min(item_cos[name], min_cosine(flat_o, flat_r))

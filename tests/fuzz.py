@@ -47,9 +47,10 @@ def _targets() -> dict:
     from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
     from d2v_serve.cli import DEMO_MODELS
     from d2v_serve.config import ServerConfig
+    from d2v_serve.core.postprocess import output_options
+    from d2v_serve.core.preparation import check_modality, input_modality, prepare
     from d2v_serve.errors import ServeError
-    from d2v_serve.inputs import check_modality, input_modality, prepare
-    from d2v_serve.postprocess import output_options
+    from d2v_serve.models.registry import load_models
     from d2v_serve.preprocess import (
         AudioPreprocessing,
         ImagePreprocessing,
@@ -59,9 +60,8 @@ def _targets() -> dict:
         decode_image,
         pcm_to_waveform,
     )
-    from d2v_serve.registry import load_models
-    from d2v_serve.service import embed_request
-    from d2v_serve.wire import parse
+    from d2v_serve.transport.grpc_service import embed_request
+    from d2v_serve.transport.wire import parse
 
     refusals = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
     config = ServerConfig(max_image_pixels=FUZZ_MAX_PIXELS, max_audio_seconds=FUZZ_MAX_AUDIO_SECONDS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from d2v_serve.config import ServerConfig
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from d2v_serve.preprocess import Preprocessing, preprocessing_from_dict
 from d2v_serve.server import Server
 
@@ -56,7 +57,7 @@ def make_tiny_model(modality: str, directory: Path, precision: str = "fp32") -> 
     meta = read_metadata(path)
     ckpt = tiny_checkpoint(modality)
     reference = graph_module(load_encoder(ckpt), encoder_config(ckpt))
-    return TinyModel(path, modality, meta, preprocessing_from_dict(modality, meta["preprocessing"]), reference)
+    return TinyModel(path, modality, meta, preprocessing_from_dict(modality, meta.preprocessing), reference)
 
 
 # ---- media made on the fly ----------------------------------------------------------------------------------
@@ -89,6 +90,12 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
 
 
 # ---- an in-process server on loopback, in its own thread and event loop ------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServerThread:
@@ -132,7 +139,7 @@ class ServerThread:
 
 def hold_batchers(monkeypatch: Any) -> threading.Event:
     """Keep every batcher that starts from now on in its warming state until the returned event is set."""
-    from d2v_serve import batcher as batcher_module
+    from d2v_serve.core import batcher as batcher_module
 
     release = threading.Event()
     original_main = batcher_module.Batcher._main

@@ -104,12 +104,14 @@ def test_ratio_handles_missing_values():
 
 @pytest.fixture(scope="module")
 def text_meta():
+    from d2v_serve.models.model_file import ModelFileMeta
     from d2v_serve.preprocess import train_bpe_tokenizer
     from tests.hf_models import CORPUS
 
     pre = train_bpe_tokenizer(CORPUS, vocab_size=300, min_frequency=1).to_dict()
     pre["max_length"] = 64
-    return {"modality": "text", "preprocessing": pre, "max_positions": 64}
+    return ModelFileMeta(modality="text", hidden_size=64, num_layers=1, num_heads=1, precision="fp32",
+                         preprocessing=pre, representations={}, max_positions=64)
 
 
 def test_texts_have_the_asked_token_count_and_differ(text_meta):

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
-from d2v_serve.chunking import DEFAULT_AUDIO_WINDOW_S, Window, audio_windows, join, text_windows
 from d2v_serve.client import Client, EmbedError, Pcm, options, to_input
+from d2v_serve.core.chunking import DEFAULT_AUDIO_WINDOW_S, Window, audio_windows, join, text_windows
 from d2v_serve.preprocess import audio_frames, collate, normalize_waveform
-from d2v_serve.tensors import from_tensor
+from d2v_serve.transport.tensors import from_tensor
 from tests.serve_fixtures import ServerThread, TinyModel, encode_audio, make_tiny_model, tone
 
 CONV = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2  # the reference front end: stride 320, field 400
@@ -164,7 +164,7 @@ def test_audio_stitched_equals_windows_alone_cut_at_midpoints(client: Client, mo
     output = {"last": "last_hidden_state", "target": "target_hidden_state"}[representation]
     embedding = client.embed_request(audio_request(samples, 2.0, 0.5, representation=representation)).embeddings[0]
     stitched = from_tensor(embedding.tensor)
-    total = int(audio_frames(len(samples), model.meta["conv_layers"]))
+    total = int(audio_frames(len(samples), model.meta.conv_layers))
     assert stitched.shape == (total, HIDDEN) and embedding.positions == total
     windows = list(embedding.windows)
     assert len(windows) == 5 and windows[0].start == 0 and windows[-1].end == pytest.approx(len(samples) / RATE)
@@ -337,11 +337,11 @@ def test_export_records_the_audio_training_crop() -> None:
     ckpt["training"] = {"config": {"data": {"max_samples": 250_000}}}
     meta = build_metadata(ckpt, encoder_config(ckpt), precision="fp32", checkpoint="a.pt", checkpoint_sha256="0",
                           opset=18, parity={})
-    assert meta["training_crop_seconds"] == 15.625
-    from d2v_serve.chunking import audio_defaults
+    assert meta.training_crop_seconds == 15.625
+    from d2v_serve.core.chunking import audio_defaults
 
-    assert audio_defaults(meta, 16000, 120.0, 3600.0).window == 15.625
-    assert audio_defaults({**meta, "training_crop_seconds": 30.0}, 16000, 20.0, 3600.0).window == 20.0
+    assert audio_defaults(meta.training_crop_seconds, 16000, 120.0, 3600.0).window == 15.625
+    assert audio_defaults(30.0, 16000, 20.0, 3600.0).window == 20.0
 
 
 def test_response_size_counts_stitched_positions_and_windows(models: dict[str, TinyModel], tmp_path: Path) -> None:

@@ -390,8 +390,8 @@ def test_collapse_guard_fires(tmp_path, data, capsys):
 
 
 def test_export_and_eval_see_the_encoder_alone(tmp_path, data):
+    from d2v.eval.cli import CheckpointEmbedder
     from d2v.export import export_model
-    from d2v.training.evaluate import CheckpointEmbedder
 
     out = tmp_path / "run"
     assert main(v2_args("image", data, out, 3, "--save-every", "3")) == 0

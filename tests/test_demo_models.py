@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from d2v_serve.cli import DEMO_MODELS
 from d2v_serve.client import Audio, Client
 from d2v_serve.client import Image as ImageInput
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from tests.serve_fixtures import ServerThread, encode_image
 
 SENTENCES = ["The ferry leaves the harbour at dawn.", "A violin is tuned before the concert.",
@@ -56,7 +56,7 @@ def test_one_valid_model_file_per_modality() -> None:
     assert [f.name for f in files] == ["demo-audio.onnx", "demo-image.onnx", "demo-text.onnx"]
     for f in files:
         meta = read_metadata(f)
-        assert f.stem == f"demo-{meta['modality']}" and meta["precision"] == "fp32"
+        assert f.stem == f"demo-{meta.modality}" and meta.precision == "fp32"
         assert f.stat().st_size < 4 * 2**20
 
 

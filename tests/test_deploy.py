@@ -139,7 +139,7 @@ def test_runtime_stage(stage: str) -> None:
     assert ops["STOPSIGNAL"] == ["SIGTERM"]
     assert json.loads(ops["ENTRYPOINT"][0]) == ["/usr/local/lib/d2v/docker-entrypoint.sh"]
     health_cmd = ops["HEALTHCHECK"][0]
-    assert json.loads(health_cmd.split(" CMD ", 1)[1])[0] == "d2v-probe"
+    assert json.loads(health_cmd.split(" CMD ", 1)[1])[0] == "d2v-healthcheck"
     for flag in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert flag in health_cmd
 
@@ -226,7 +226,7 @@ def test_build_context_is_small_and_complete(tmp_path: Path) -> None:
     assert "pyproject.toml" in kept and "deploy/install-serving.sh" in kept
     assert not [p for p in kept if p.startswith(("tests/", ".venv/", ".git/", "runs/", "bench/"))]
     assert not [p for p in kept if "__pycache__" in p or p.endswith(".pyc")]
-    for pkg in ("d2v_serve", "training", "export"):
+    for pkg in ("d2v_serve", "training", "export", "eval"):
         assert any(p.startswith(pkg + "/") for p in kept) or not (REPO / pkg).exists()
 
 
@@ -275,7 +275,7 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     folders = [
         init.parent.relative_to(REPO).as_posix()
-        for top in ("d2v_serve", "training", "export")
+        for top in ("d2v_serve", "training", "export", "eval")
         for init in (REPO / top).rglob("__init__.py")
         if "__pycache__" not in init.parts
     ]
@@ -284,7 +284,9 @@ def test_wheel_holds_every_package(serving_venv: tuple[Path, Path]) -> None:
         name = _installed_name(folder)
         assert name in listed, f"{folder}/ (installed as {name}) missing from pyproject's packages"
         assert f"{name.replace('.', '/')}/__init__.py" in names, f"{name} missing from the wheel"
-    assert "d2v_serve/probe.py" in names and "d2v/training/cli.py" in names and "d2v/export/cli.py" in names
+    assert not [n for n in names if n.startswith("d2v_serve/") and ("probe" in n or "evaluate" in n)]
+    assert "d2v_serve/healthcheck.py" in names and "d2v/eval/probe.py" in names
+    assert "d2v/training/cli.py" in names and "d2v/export/cli.py" in names
     assert f"d2v-{PYPROJECT['project']['version']}.dist-info/licenses/LICENSE" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"d2v", "d2v_serve"}, "no generic top-level modules (training, export) in site-packages"
@@ -301,7 +303,8 @@ def test_serving_install_has_no_generic_top_level_modules(serving_venv: tuple[Pa
         r = subprocess.run([py, "-c", f"import {generic}"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode != 0 and f"No module named '{generic}'" in r.stderr
     # the namespaced packages are there (found, not imported: their modules need the extras)
-    _run([py, "-c", "import importlib.util as u; assert all(map(u.find_spec, ['d2v.training', 'd2v.export']))"],
+    packages = "['d2v.training', 'd2v.export', 'd2v.eval']"
+    _run([py, "-c", f"import importlib.util as u; assert all(map(u.find_spec, {packages}))"],
          cwd=tmp_path)
 
 
@@ -319,11 +322,11 @@ def test_serving_venv_is_isolated_and_torch_free(serving_venv: tuple[Path, Path]
 def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     assert "--models" in _run([str(venv / "bin/d2v-serve"), "--help"], timeout=120).stdout
-    assert "--target" in _run([str(venv / "bin/d2v-probe"), "--help"], timeout=60).stdout
+    assert "--target" in _run([str(venv / "bin/d2v-healthcheck"), "--help"], timeout=60).stdout
 
 
 NEEDS_EXTRA = {"d2v-train": ("training", "train"), "d2v-import-hf": ("training", "train"),
-               "d2v-export": ("export", "export")}
+               "d2v-export": ("export", "export"), "d2v-eval": ("eval", "eval")}
 
 
 @pytest.mark.parametrize("script", sorted(PYPROJECT["project"]["scripts"]))
@@ -410,7 +413,7 @@ def test_installed_server_serves_the_demo_models_by_default(serving_venv: tuple[
     assert proc.returncode == 0, out[-2000:]
 
 
-def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> None:
+def test_installed_healthcheck_against_a_server(serving_venv: tuple[Path, Path]) -> None:
     venv, _ = serving_venv
     servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -420,9 +423,9 @@ def test_installed_probe_against_a_server(serving_venv: tuple[Path, Path]) -> No
     try:
         env = {**os.environ, "D2V_PROBE_TARGET": f"127.0.0.1:{port}"}
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        _run([str(venv / "bin/d2v-probe")], env=env, timeout=60)
+        _run([str(venv / "bin/d2v-healthcheck")], env=env, timeout=60)
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        r = subprocess.run([str(venv / "bin/d2v-probe")], env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([str(venv / "bin/d2v-healthcheck")], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "NOT_SERVING" in r.stderr
     finally:
         server.stop(None)

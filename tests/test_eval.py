@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from d2v.eval.cli import CheckpointEmbedder, evaluate
+from d2v.eval.cli import main as eval_main
+from d2v.eval.probe import EvalError, linear_probe, read_labelled
 from d2v.training.checkpoint import encoder_config, initial_encoder, load_checkpoint
 from d2v.training.cli import main as train_main
 from d2v.training.defaults import defaults, resolve_derived
-from d2v.training.evaluate import CheckpointEmbedder, evaluate
-from d2v.training.evaluate import main as eval_main
+from d2v_serve.core.postprocess import output_options
+from d2v_serve.core.request import EmbedOptions
 from d2v_serve.errors import ServeError
-from d2v_serve.evaluate import EvalError, linear_probe, read_labelled
-from d2v_serve.postprocess import output_options
-from d2v_serve.request import EmbedOptions
 from tests.factories import make_model_file, write_tiny_checkpoint
 from tests.test_train import SETS
 
@@ -85,7 +85,7 @@ def test_model_file_and_checkpoint_embed_alike_and_probe_both_data_forms(tmp_pat
     ckpt = write_tiny_checkpoint("text", tmp_path)
     onnx = make_model_file("text", tmp_path)
     items = read_labelled(text_data["manifest"], "text").items
-    from d2v.training.evaluate import embedder
+    from d2v.eval.cli import embedder
 
     by_file, by_ckpt = embedder(onnx).embed(items), embedder(ckpt).embed(items)
     for r in ("last", "target"):
@@ -153,8 +153,12 @@ def test_audio_probes_the_last_layer_only(tmp_path):
 
 
 def test_audio_target_pooling_is_refused_in_one_line():
-    model = SimpleNamespace(name="a", modality="audio", outputs={"last": "last_hidden_state",
-                                                                "target": "target_hidden_state"})
+    from d2v_serve.cli import DEMO_MODELS
+    from d2v_serve.models.model_file import read_metadata
+
+    outputs = {"last": "last_hidden_state", "target": "target_hidden_state"}
+    model = SimpleNamespace(name="a", modality="audio", outputs=outputs,
+                            meta=read_metadata(DEMO_MODELS / "demo-audio.onnx"))
     for pooling in ("mean", "cls"):
         with pytest.raises(ServeError) as err:
             output_options(model, EmbedOptions(representation="target", pooling=pooling))
@@ -162,7 +166,8 @@ def test_audio_target_pooling_is_refused_in_one_line():
         assert "\n" not in err.value.message
     frames = output_options(model, EmbedOptions(representation="target", pooling="none"))
     assert frames.output == "target_hidden_state" and frames.pooling == "none"
-    image = SimpleNamespace(name="i", modality="image", outputs=model.outputs)
+    image = SimpleNamespace(name="i", modality="image", outputs=outputs,
+                            meta=read_metadata(DEMO_MODELS / "demo-image.onnx"))
     assert output_options(image, EmbedOptions(representation="target")).pooling == "mean"
 
 
@@ -187,5 +192,22 @@ def test_model_files_are_evaluated_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, training.evaluate, d2v_serve.evaluate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, d2v.eval.cli, d2v.eval.probe; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_eval_checks_its_extra_before_any_work(tmp_path: Path) -> None:
+    """Without scikit-learn, d2v-eval says which extra in one line and touches nothing (the model is not read)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "from d2v_serve.console import eval_main\n"
+            f"sys.exit(eval_main([{str(tmp_path / 'missing.onnx')!r}, {str(tmp_path / 'data')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "d2v-eval needs the eval extra: pip install 'd2v[eval]'\n")
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import d2v.eval"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == ("ModuleNotFoundError: d2v.eval needs the eval extra (matplotlib is missing): "
+                                         "pip install 'd2v[eval]'")

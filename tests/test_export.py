@@ -24,15 +24,17 @@ from d2v.export.pipeline import TOLERANCE_ENV
 from d2v.export.variants import FUSED_OPS
 from d2v.training.checkpoint import encoder_config, load_checkpoint, load_encoder, save_checkpoint
 from d2v.training.import_hf import import_hf
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from d2v_serve.preprocess import audio_frames, preprocessing_from_dict
 from tests.factories import write_tiny_checkpoint
 from tests.hf_models import hf_audio, hf_image
 
 MODALITIES = ("audio", "image", "text")
 CONTRACT_KEYS = {"format", "format_version", "modality", "hidden_size", "num_layers", "num_heads", "inputs",
-                 "outputs", "precision", "preprocessing", "target_layers", "source", "exporter", "parity"}
-EXTRA_KEY = {"audio": "conv_layers", "image": "image_size", "text": "max_positions"}
+                 "outputs", "precision", "preprocessing", "representations", "target_layers", "source", "exporter",
+                 "parity"}
+EXTRA_KEYS = {"audio": {"conv_layers", "conv_stride", "receptive_field"}, "image": {"image_size", "patch_size"},
+              "text": {"max_positions"}}
 INPUTS = {"audio": ["input_values", "attention_mask"], "image": ["pixel_values"],
           "text": ["input_ids", "attention_mask"]}
 OUTPUTS = ["last_hidden_state", "target_hidden_state", "output_mask"]
@@ -131,21 +133,25 @@ def test_dynamic_axes_take_unseen_batch_and_lengths(fp32, checkpoints, modality)
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_metadata_complete_and_round_trips(fp32, checkpoints, modality):
-    meta = read_metadata(fp32[modality]["path"])  # the server's reader
-    assert set(meta) == CONTRACT_KEYS | {EXTRA_KEY[modality]}
+    meta = read_metadata(fp32[modality]["path"]).to_dict()  # the server's reader
+    assert set(meta) == CONTRACT_KEYS | EXTRA_KEYS[modality]
     ckpt = load_checkpoint(checkpoints[modality])
     cfg = encoder_config(ckpt)
-    assert meta["format"] == "d2v-onnx" and meta["format_version"] == 1 and meta["modality"] == modality
+    assert meta["format"] == "d2v-onnx" and meta["format_version"] == 2 and meta["modality"] == modality
     assert (meta["hidden_size"], meta["num_layers"], meta["num_heads"]) == (cfg.hidden_size, cfg.num_layers,
                                                                              cfg.num_heads)
     assert meta["inputs"] == INPUTS[modality] and meta["outputs"] == OUTPUTS and meta["precision"] == "fp32"
     assert meta["preprocessing"] == ckpt["preprocessing"]
     preprocessing_from_dict(modality, meta["preprocessing"])  # serving can build its preprocessing from it
     assert meta["target_layers"] == cfg.target_layers
+    target_poolings = ["none"] if modality == "audio" else ["mean", "cls", "none"]  # audio: instance norm over time
+    assert meta["representations"] == {"last": {"output": "last_hidden_state", "poolings": ["mean", "cls", "none"]},
+                                       "target": {"output": "target_hidden_state", "poolings": target_poolings}}
     if modality == "audio":
         assert meta["conv_layers"] == cfg.conv_layers
+        assert (meta["conv_stride"], meta["receptive_field"]) == (320, 400)  # wav2vec 2.0's front end
     elif modality == "image":
-        assert meta["image_size"] == cfg.image_size
+        assert (meta["image_size"], meta["patch_size"]) == (cfg.image_size, cfg.patch_size)
     else:
         assert meta["max_positions"] == min(ckpt["preprocessing"]["max_length"], cfg.max_positions - cfg.pad_id - 1)
         tok = preprocessing_from_dict("text", meta["preprocessing"])
@@ -166,7 +172,7 @@ def test_metadata_complete_and_round_trips(fp32, checkpoints, modality):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_int8_quantizes_matmuls_and_stays_close(int8, checkpoints, modality):
     report = int8[modality]
-    meta = read_metadata(report["path"])
+    meta = read_metadata(report["path"]).to_dict()
     assert meta["precision"] == "int8" and report["parity"]["int8"]["cosine"] >= 0.99
     ops = {n.op_type for n in onnx.load(report["path"]).graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops and not ops & {"ConvInteger", "MatMul"}
@@ -193,7 +199,7 @@ def test_imported_transformers_model_exports(tmp_path, builder, overrides):
     ckpt_path = save_checkpoint(tmp_path / "imported.pt", ckpt)
     report = export_model(ckpt_path, tmp_path / "imported.onnx")
     assert max(report["parity"]["fp32"]["max_abs_diff"].values()) <= 1e-4
-    meta = read_metadata(report["path"])
+    meta = read_metadata(report["path"]).to_dict()
     assert meta["source"]["imported"]["kind"] == "transformers" and meta["preprocessing"] == ckpt["preprocessing"]
     # the file computes what transformers computes for the published model
     kwargs = {"add_pooling_layer": True} if builder is hf_image else {}
@@ -268,7 +274,7 @@ def test_fp16_graph_is_checked_and_long_audio_keeps_exact_frame_counts(checkpoin
     report = export_model(checkpoints["audio"], tmp_path / "audio-fp16.onnx", fp16=True)
     model = onnx.load(report["path"])
     onnx.checker.check_model(model)
-    meta = read_metadata(report["path"])
+    meta = read_metadata(report["path"]).to_dict()
     assert meta["precision"] == "fp16"
     fp16 = meta["parity"]["fp16"]
     assert fp16["graph"] == "ok" and fp16["checked_on"]
@@ -309,7 +315,7 @@ def test_fused_graph_runs_contrib_attention_gelu_and_skip_norm(fp32, int8, check
         assert not in_file & {"Softmax", "Erf"}  # no attention or GELU left unfused
         session = counts["onnxruntime_cpu"]
         assert session[attention] == layers and session["SkipLayerNormalization"] >= 2 * layers, session
-        assert read_metadata(report["path"])["parity"]["fused_nodes"] == counts  # recorded in the file
+        assert read_metadata(report["path"]).parity["fused_nodes"] == counts  # recorded in the file
         assert "fused" in report["summary"]
 
 

@@ -16,7 +16,7 @@ import pytest
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
 from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from d2v_serve.cli import DEMO_MODELS
-from d2v_serve.model_file import read_metadata
+from d2v_serve.models.model_file import read_metadata
 from d2v_serve.preprocess import (
     AudioPreprocessing,
     InputTooLarge,
@@ -34,7 +34,7 @@ from tests.serve_fixtures import ServerThread
 CORPUS = hostile.corpus()
 ADDRESS = re.compile(r"0x[0-9a-f]{6,}|object at")
 PCM_ENCODING = {"float32": pb.Pcm.ENCODING_FLOAT32, "int16": pb.Pcm.ENCODING_INT16}
-DEMO_TEXT = preprocessing_from_dict("text", read_metadata(DEMO_MODELS / "demo-text.onnx")["preprocessing"])
+DEMO_TEXT = preprocessing_from_dict("text", read_metadata(DEMO_MODELS / "demo-text.onnx").preprocessing)
 MODEL = {"audio": "demo-audio", "pcm": "demo-audio", "image": "demo-image", "text": "demo-text"}
 
 
@@ -231,7 +231,7 @@ def raw_call(target: str, method: str, payload: bytes, metadata: tuple = ()) -> 
 
 def test_malformed_frames_are_invalid_argument_logged_once(demo_server: ServerThread,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="d2v_serve.wire"):
+    with caplog.at_level("WARNING", logger="d2v_serve.transport.wire"):
         for method in ("Embed", "ListModels", "DescribeModel"):
             for payload in MALFORMED if method == "Embed" else (MALFORMED[0], MALFORMED[2]):
                 error = raw_call(demo_server.target, method, payload)

@@ -7,7 +7,6 @@ import base64
 import concurrent.futures
 import http.client
 import json
-import socket
 import ssl
 import threading
 import time
@@ -23,16 +22,19 @@ import pytest
 
 from d2v_serve.cli import DEMO_MODELS
 from d2v_serve.client import Client
-from tests.serve_fixtures import ServerThread, encode_audio, encode_image, hold_batchers, picture, self_signed, tone
+from tests.serve_fixtures import (
+    ServerThread,
+    encode_audio,
+    encode_image,
+    free_port,
+    hold_batchers,
+    picture,
+    self_signed,
+    tone,
+)
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "zebras", "a server batches requests"]
 TEXT_MODEL, IMAGE_MODEL, AUDIO_MODEL = "demo-text", "demo-image", "demo-audio"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, body: Any = None, *, method: str | None = None, headers: dict[str, str] | None = None,
@@ -71,7 +73,7 @@ def b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    with ServerThread(DEMO_MODELS, http_port=_free_port()) as srv:
+    with ServerThread(DEMO_MODELS, http_port=free_port()) as srv:
         yield srv
 
 
@@ -228,7 +230,7 @@ def test_request_errors_map_to_statuses(server: ServerThread) -> None:
 
 
 def test_body_limit_is_413(text_only: Path) -> None:
-    with ServerThread(text_only, http_port=_free_port(), max_message_mb=1) as srv:
+    with ServerThread(text_only, http_port=free_port(), max_message_mb=1) as srv:
         # the server answers as soon as it sees the declared length, before the body: send none and read the answer
         connection = http.client.HTTPConnection("127.0.0.1", srv.server.http_port, timeout=30)
         connection.putrequest("POST", "/v1/embeddings")
@@ -270,7 +272,7 @@ def _gate_model(srv: ServerThread, name: str) -> threading.Event:
 
 
 def test_full_queue_is_429_and_deadline_504(text_only: Path) -> None:
-    with ServerThread(text_only, http_port=_free_port(), max_queue=4, max_request_inputs=4) as srv, \
+    with ServerThread(text_only, http_port=free_port(), max_queue=4, max_request_inputs=4) as srv, \
             concurrent.futures.ThreadPoolExecutor(3) as pool:
         url = f"{srv.http_url}/v1/embeddings"
         gate = _gate_model(srv, TEXT_MODEL)
@@ -298,7 +300,7 @@ def test_full_queue_is_429_and_deadline_504(text_only: Path) -> None:
 
 
 def test_model_failure_is_500(text_only: Path) -> None:
-    with ServerThread(text_only, http_port=_free_port()) as srv:
+    with ServerThread(text_only, http_port=free_port()) as srv:
         runner = srv.server.models[TEXT_MODEL].runner
 
         def broken(feeds: dict, outputs: list) -> dict:
@@ -311,7 +313,7 @@ def test_model_failure_is_500(text_only: Path) -> None:
 
 def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = hold_batchers(monkeypatch)
-    srv = ServerThread(text_only, http_port=_free_port())
+    srv = ServerThread(text_only, http_port=free_port())
     srv._thread.start()
     import asyncio
 
@@ -335,7 +337,7 @@ def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -
 
         srv.call(srv.server._mark_down(TEXT_MODEL))  # what a dead worker does
         assert call(f"{srv.http_url}/health")[0] == 503
-        srv.server.core.begin_drain()
+        srv.server.core.drain.begin()
         status, headers, body = call(f"{srv.http_url}/v1/embeddings", {"input": "after"})
         assert status == 503 and headers["retry-after"] == "1" and "shutting down" in body["error"]["message"]
     finally:
@@ -347,7 +349,7 @@ def test_health_and_draining(text_only: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_bearer_token_auth(text_only: Path) -> None:
-    with ServerThread(text_only, http_port=_free_port(), auth_token="s3cret") as srv:
+    with ServerThread(text_only, http_port=free_port(), auth_token="s3cret") as srv:
         url = f"{srv.http_url}/v1"
         for key in ("wrong", ""):
             with pytest.raises(openai.AuthenticationError):
@@ -364,14 +366,14 @@ def test_bearer_token_auth(text_only: Path) -> None:
         client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert len(client.embeddings.create(model=TEXT_MODEL, input=["a", "b"]).data) == 2
         assert call(f"{url}/embed", {"inputs": [{"text": "hi"}]}, headers={"Authorization": "Bearer s3cret"})[0] == 200
-    with ServerThread(text_only, http_port=_free_port()) as srv:  # auth off: any key (or none) will do
+    with ServerThread(text_only, http_port=free_port()) as srv:  # auth off: any key (or none) will do
         assert call(f"{srv.http_url}/v1/embed", {"inputs": [{"text": "hi"}]},
                     headers={"Authorization": "Bearer anything"})[0] == 200
 
 
 def test_tls_with_the_grpc_certificates(text_only: Path, tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path, "IP:127.0.0.1")
-    with ServerThread(text_only, http_port=_free_port(), tls_cert=str(cert), tls_key=str(key)) as srv:
+    with ServerThread(text_only, http_port=free_port(), tls_cert=str(cert), tls_key=str(key)) as srv:
         assert srv.http_url.startswith("https://")
         trusted = ssl.create_default_context(cafile=str(cert))
         status, _, body = call(f"{srv.http_url}/v1/embed", {"inputs": [{"text": "hi"}]}, context=trusted)
@@ -382,7 +384,7 @@ def test_tls_with_the_grpc_certificates(text_only: Path, tmp_path: Path) -> None
             call(f"{srv.http_url}/health", context=ssl.create_default_context())  # not a trusted certificate
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             call(f"http://127.0.0.1:{srv.server.http_port}/health")  # plaintext to the TLS port
-    with ServerThread(text_only, http_port=_free_port(), tls_cert=str(cert), tls_key=str(key),
+    with ServerThread(text_only, http_port=free_port(), tls_cert=str(cert), tls_key=str(key),
                       tls_client_ca=str(cert)) as srv:  # mTLS: the client's certificate is checked too
         anonymous = ssl.create_default_context(cafile=str(cert))
         with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):

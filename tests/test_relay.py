@@ -1,6 +1,6 @@
-"""The hand-off of item results from worker threads to the event loop (d2v_serve/relay.py) and the preprocessing
-byte budget (core.ByteBudget): results, failures, cancellation, one loop wake-up per burst, waiting and release; the
-gauges read at scrape time."""
+"""The hand-off of item results from worker threads to the event loop (d2v_serve/core/relay.py) and the
+preprocessing byte budget (core.budget.ByteBudget): results, failures, cancellation, one loop wake-up per burst,
+waiting and release; the gauges read at scrape time."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from d2v_serve.core import ByteBudget
+from d2v_serve.core.engine import ByteBudget
+from d2v_serve.core.relay import Relay
 from d2v_serve.errors import ServeError, deadline_exceeded
-from d2v_serve.relay import Relay
 
 
 def _futures(n: int) -> list[concurrent.futures.Future]:
@@ -159,7 +159,7 @@ def test_gauges_are_read_when_scraped_and_read_zero_once_their_owner_is_gone() -
 
     from prometheus_client import REGISTRY
 
-    from d2v_serve.batcher import Batcher, BatchPolicy
+    from d2v_serve.core.batcher import Batcher, BatchPolicy
 
     class NoRunner:
         output_names = ["last_hidden_state", "output_mask"]

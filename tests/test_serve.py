@@ -56,7 +56,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
     directory = tmp_path_factory.mktemp("models")
     out = {m: make_tiny_model(m, directory) for m in ("audio", "image", "text")}
     out["text-int8"] = make_tiny_model("text", directory, precision="int8")
-    assert all(m.meta["hidden_size"] == HIDDEN for m in out.values())
+    assert all(m.meta.hidden_size == HIDDEN for m in out.values())
     return out
 
 
@@ -309,7 +309,7 @@ def test_invalid_argument_names_the_bad_input(client: Client) -> None:
 
 def test_audio_shorter_than_one_frame_is_invalid(server: ServerThread, client: Client) -> None:
     shortest = server.server.models["audio"].min_samples
-    assert shortest == min_audio_samples(server.server.models["audio"].meta["conv_layers"]) > 1
+    assert shortest == min_audio_samples(server.server.models["audio"].meta.conv_layers) > 1
     err = rpc_error(client.embed, [Pcm(tone(1.0), 16000), Pcm(tone(1.0)[: shortest - 1], 16000)], "audio")
     assert err.code == Code.INVALID_ARGUMENT and err.input_index == 1 and f"at least {shortest}" in err.message
     assert client.embed(Pcm(tone(1.0)[:shortest], 16000), "audio", pooling="none").shape == (1, HIDDEN)
@@ -400,7 +400,7 @@ def test_bad_item_at_runtime_does_not_fail_its_batch(text_only: Path) -> None:
 def test_unavailable_while_draining(text_only: Path) -> None:
     with ServerThread(text_only) as srv, Client(srv.target) as c:
         assert c.embed("before", "text").shape == (HIDDEN,)
-        srv.server.core.begin_drain()
+        srv.server.core.drain.begin()
         err = rpc_error(c.embed, "after", "text")
         assert err.code == Code.UNAVAILABLE and "shutting down" in err.message
 
@@ -545,7 +545,7 @@ def asyncio_submit(srv: ServerThread, coro: object) -> concurrent.futures.Future
 
 
 def test_failed_warmup_stops_the_start_with_a_reason(text_only: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2v_serve.runtime import Runner
+    from d2v_serve.backend.runner import Runner
 
     def broken(self: Runner, feeds: dict, outputs: list) -> dict:
         raise Exception("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : kernel\nfailed")  # ORT's own base class

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
-from d2v_serve.batcher import Batcher, BatchPolicy, Item
 from d2v_serve.client import sniff
 from d2v_serve.config import ServerConfig, parse_config
+from d2v_serve.core.batcher import Batcher, BatchPolicy, Item
+from d2v_serve.core.postprocess import DTYPES, POOLINGS, OutputOptions
 from d2v_serve.errors import ServeError
-from d2v_serve.model_file import ModelFileError, read_metadata
-from d2v_serve.postprocess import DTYPES, POOLINGS, OutputOptions
-from d2v_serve.tensors import from_tensor, to_tensor
+from d2v_serve.models.model_file import ModelFileError, ModelFileMeta, read_metadata
+from d2v_serve.transport.tensors import from_tensor, to_tensor
 from tests.serve_fixtures import encode_audio, encode_image, make_tiny_model, picture, tone
 
 try:
@@ -152,22 +152,32 @@ def test_a_batch_waits_only_for_inputs_on_their_way() -> None:
     assert b._wait_for_more(now + 0.001) == 0  # draining: no waiting
 
 
-def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
-    from d2v_serve.preprocess import AudioPreprocessing
-    from d2v_serve.registry import batch_policy
+def _meta(modality: str, hidden_size: int, num_layers: int, **facts: object) -> ModelFileMeta:
+    return ModelFileMeta(modality=modality, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
+                         precision="fp32", preprocessing={}, representations={}, **facts)
 
-    base_text = {"modality": "text", "hidden_size": 768, "num_layers": 12}
+
+def test_policy_fills_small_batches_of_big_models_on_cpu_and_to_the_budget_on_cuda() -> None:
+    from d2v_serve.models.registry import batch_policy
+    from d2v_serve.preprocess import AudioPreprocessing, conv_stride
+
+    base_text = _meta("text", 768, 12)
     cpu = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=False)
     assert 200 <= cpu.fill <= 260 and cpu.limit == cpu.fill and cpu.max_padding == 0.1
     assert cpu.attention_length == 6 * 768  # attention's work equals the rest at 4608 tokens
     cuda = batch_policy(ServerConfig(), base_text, None, 512, on_cuda=True)
     assert cuda.fill == 0 and cuda.limit == cuda.budget == ServerConfig().max_batch_tokens
-    tiny = batch_policy(ServerConfig(), {**base_text, "hidden_size": 64, "num_layers": 4}, None, 512, False)
+    tiny = batch_policy(ServerConfig(), _meta("text", 64, 4), None, 512, False)
     assert tiny.limit == tiny.budget  # an overhead-bound model batches as much as it may
     conv = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2  # strides multiply to 320 samples per frame
-    audio = {"modality": "audio", "hidden_size": 768, "num_layers": 12, "conv_layers": conv}
+    audio = _meta("audio", 768, 12, conv_layers=conv, conv_stride=conv_stride(conv))
     policy = batch_policy(ServerConfig(max_padding=0.2), audio, AudioPreprocessing(), 0, on_cuda=False)
     assert 200 * 320 <= policy.fill <= 260 * 320 and policy.max_padding == 0.2  # samples: 320 per frame
+    # images cost pixels: a patch of 8 is a quarter of the pixels per position of a patch of 16
+    by_patch = {p: batch_policy(ServerConfig(), _meta("image", 768, 12, image_size=224, patch_size=p), None, 0,
+                                on_cuda=False) for p in (8, 16)}
+    assert by_patch[16].fill == pytest.approx(4 * by_patch[8].fill, abs=4)  # whole pixels
+    assert by_patch[16].attention_length == 4 * by_patch[8].attention_length
 
 
 def test_a_batch_is_pooled_as_each_input_alone() -> None:
@@ -207,8 +217,8 @@ def test_queue_bound_counts_reserved_inputs() -> None:
 def test_read_metadata_round_trip(tmp_path: Path) -> None:
     model = make_tiny_model("text", tmp_path)
     meta = read_metadata(model.path)
-    assert meta["modality"] == "text" and meta["max_positions"] == 64 and meta["precision"] == "fp32"
-    assert meta["preprocessing"]["tokenizer"] == model.preprocessing.tokenizer_json
+    assert meta.modality == "text" and meta.max_positions == 64 and meta.precision == "fp32"
+    assert meta.preprocessing["tokenizer"] == model.preprocessing.tokenizer_json
 
 
 def _rewrite(path: Path, dst: Path, edit: object) -> Path:
@@ -231,8 +241,15 @@ def test_read_metadata_rejects_bad_files(tmp_path: Path) -> None:
         junk: "not a readable ONNX file",
         tmp_path / "missing.onnx": "no such file",
         _rewrite(model.path, tmp_path / "plain.onnx", lambda p: {}): "no 'd2v' metadata",
-        _rewrite(model.path, tmp_path / "v2.onnx", lambda p: {"d2v": json.dumps(
-            {**json.loads(p["d2v"]), "format_version": 2})}): "format_version 2 is not supported",
+        _rewrite(model.path, tmp_path / "v3.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "format_version": 3})}): "format_version 3 is not supported",
+        _rewrite(model.path, tmp_path / "patch.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "patch_size": 7})}): "not a multiple of patch_size 7",
+        _rewrite(model.path, tmp_path / "nopatch.onnx", lambda p: {"d2v": json.dumps(
+            {k: v for k, v in json.loads(p["d2v"]).items() if k != "patch_size"})}): "lacks patch_size",
+        _rewrite(model.path, tmp_path / "pool.onnx", lambda p: {"d2v": json.dumps(
+            {**json.loads(p["d2v"]), "representations": {"last": {"output": "last_hidden_state",
+                                                                  "poolings": ["max"]}}})}): "poolings among",
         _rewrite(model.path, tmp_path / "wrong.onnx", lambda p: {"d2v": json.dumps(
             {**json.loads(p["d2v"]), "inputs": ["input_ids"]})}): "graph inputs",
         _rewrite(model.path, tmp_path / "notjson.onnx", lambda p: {"d2v": "{"}): "not JSON",
@@ -247,8 +264,8 @@ def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
     """The CUDA path (IOBinding, only the asked-for outputs copied back) checked on CPU."""
     import onnxruntime as ort
 
+    from d2v_serve.backend.runner import Runner
     from d2v_serve.preprocess import collate
-    from d2v_serve.runtime import Runner
 
     model = make_tiny_model("text", tmp_path)
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
@@ -262,7 +279,7 @@ def test_io_binding_run_equals_plain_run(tmp_path: Path) -> None:
 
 
 def test_ort_log_lines_are_parsed() -> None:
-    from d2v_serve.ort_log import parse
+    from d2v_serve.backend.ort_log import parse
 
     text = ("\x1b[1;31m2026-12-01 21:21:39.774 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
             "Failed to load library x.so with error: libcublasLt.so.13: cannot open shared object file\n\x1b[m\n"
@@ -279,7 +296,7 @@ def test_ort_log_lines_are_parsed() -> None:
 
 _CAPTURE_SCRIPT = """
 import logging, os, sys
-from d2v_serve import ort_log
+from d2v_serve.backend import ort_log
 from d2v_serve.logs import setup_logging
 setup_logging("info", "json")
 lines = []
@@ -309,7 +326,7 @@ def test_ort_output_on_both_descriptors_becomes_log_records() -> None:
 _SESSION_SCRIPT = """
 import sys
 from d2v_serve.logs import setup_logging
-from d2v_serve.runtime import RuntimeSettings, create_session
+from d2v_serve.backend.runner import RuntimeSettings, create_session
 setup_logging("debug" if sys.argv[2] == "auto" else "info", "json")
 try:
     print(create_session(sys.argv[1], RuntimeSettings(device=sys.argv[2])).get_providers()[0])
@@ -331,7 +348,7 @@ def test_sessions_log_only_json_and_say_why_cuda_is_not_used(device: str) -> Non
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stderr.splitlines()]  # raises on any line that is not JSON
-    warnings = [e for e in records if e["level"] == "warning" and e["logger"] == "d2v_serve.runtime"]
+    warnings = [e for e in records if e["level"] == "warning" and e["logger"] == "d2v_serve.backend.runner"]
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cpu" or not has_cuda:
         assert warnings == [] and (r.stdout.strip() == "CPUExecutionProvider" or device == "cuda")

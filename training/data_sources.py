@@ -9,11 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-EXTENSIONS = {
-    "audio": frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64"}),
-    "image": frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}),
-    "text": frozenset({".txt"}),
-}
+from d2v_serve.media import MEDIA_SUFFIXES as EXTENSIONS
 
 
 class DataError(ValueError):

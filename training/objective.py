@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .defaults import HEAD_INPUTS
 from .ema import EMATeacher
+from .pooling import masked_mean
 from .targets import target_representation
 
 VAR_EPS = 1e-6
@@ -78,9 +79,7 @@ def regression_loss(pred: Tensor, target: Tensor, spec: LossSpec) -> Tensor:
 def document_inputs(h: Tensor, mask: Tensor, valid: Tensor | None) -> Tensor:
     """[N, D]: for each masked position (row-major), the mean of h over its item's visible, non-padded positions."""
     seen = ~mask if valid is None else valid & ~mask
-    weights = seen.unsqueeze(-1).to(h.dtype)
-    pooled = (h * weights).sum(1) / weights.sum(1).clamp_min(1)
-    return pooled[mask.nonzero(as_tuple=True)[0]]
+    return masked_mean(h, seen)[mask.nonzero(as_tuple=True)[0]]
 
 
 class Data2Vec(nn.Module):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .models.gather import scatter_positions
 from .objective import Data2Vec, LossSpec, StepOutput, TeacherSpec, regression_head, regression_loss, spread
+from .pooling import masked_mean
 
 
 @dataclass(frozen=True)
@@ -127,5 +128,4 @@ class Data2Vec2(Data2Vec):
         the mean of the row's visible, non-padded outputs: the decoder reads a one-position sequence, so no
         position reaches it and the pooled vector itself must say what the masked parts hold. [B*M, D]."""
         seen = torch.ones_like(keep, dtype=visible.dtype) if valid is None else valid.gather(1, keep).to(visible.dtype)
-        pooled = (visible * seen.unsqueeze(-1)).sum(1) / seen.sum(1, keepdim=True).clamp_min(1)
-        return self.head(pooled.unsqueeze(1))[:, 0]
+        return self.head(masked_mean(visible, seen).unsqueeze(1))[:, 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,6 +184,11 @@ def audio_frames(num_samples: int | np.ndarray, conv_layers: Sequence[Sequence[i
     for _dim, kernel, stride in conv_layers:
         n = np.maximum((n - kernel) // stride + 1, 0)
     return int(n) if n.ndim == 0 else n
+
+
+def conv_stride(conv_layers: Sequence[Sequence[int]]) -> int:
+    """Samples per output frame of the conv feature encoder: the product of its strides."""
+    return math.prod(int(stride) for _dim, _kernel, stride in conv_layers)
 
 
 def min_audio_samples(conv_layers: Sequence[Sequence[int]]) -> int:

@@ -1,4 +1,5 @@
-"""Per-modality dispatch: preprocessing config from its dict, and prepared items -> padded graph inputs."""
+"""Per-modality dispatch: preprocessing config from its dict, prepared items -> padded graph inputs, and padded
+outputs -> their mean over the valid positions."""
 
 from __future__ import annotations
 
@@ -50,3 +51,10 @@ def collate(modality: str, items: list[np.ndarray], pad_id: int = 1) -> dict[str
         row[: len(x)] = x
     mask = (np.arange(values.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
     return {name: values, "attention_mask": mask}
+
+
+def masked_mean(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over the valid positions: [B, T, D] with a [B, T] mask -> [B, D], in float64 (an item without valid
+    positions gives zeros). `d2v.training.pooling.masked_mean` is its torch twin."""
+    w = np.asarray(mask).astype(np.float64)[..., None]
+    return (np.asarray(x, dtype=np.float64) * w).sum(1) / np.maximum(w.sum(1), 1.0)

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-MODALITIES = ("audio", "image", "text")
+from d2v_serve.preprocess import MODALITIES
+
 PRESETS = ("tiny", "small", "base", "large")
 
 # wav2vec 2.0 / data2vec feature encoder: 320 samples per frame, receptive field 400.

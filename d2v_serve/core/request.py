@@ -49,6 +49,7 @@ class EmbedOptions:
     dtype: str = "float32"  # float32 | float16
     truncate: bool = False  # cut inputs longer than the model takes instead of failing
     chunking: Chunking = Chunking()
+    dimensions: int | None = None  # the vector size the caller expects (OpenAI's `dimensions`): the model's own only
 
 
 @dataclass(slots=True)

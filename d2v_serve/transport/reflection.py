@@ -10,8 +10,8 @@ import grpc
 from grpc_reflection.v1alpha import reflection as v1alpha
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 
-from ._proto.grpc.reflection.v1 import reflection_pb2 as v1_pb2
-from ._proto.grpc.reflection.v1 import reflection_pb2_grpc as v1_pb2_grpc
+from .._proto.grpc.reflection.v1 import reflection_pb2 as v1_pb2
+from .._proto.grpc.reflection.v1 import reflection_pb2_grpc as v1_pb2_grpc
 
 V1_SERVICE_NAME = v1_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name  # grpc.reflection.v1...
 V1ALPHA_SERVICE_NAME = v1alpha.SERVICE_NAME

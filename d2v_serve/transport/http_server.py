@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .errors import ServeError, deadline_exceeded, internal, resource_exhausted, unavailable
-from .preprocess import collate
-from .runtime import Runner
+from .. import metrics
+from ..backend.runner import Runner
+from ..errors import ServeError, deadline_exceeded, internal, resource_exhausted, unavailable
+from ..preprocess import collate
 
 log = logging.getLogger(__name__)
 

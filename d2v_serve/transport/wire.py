@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from .errors import ServeError, invalid_argument
+from ..errors import ServeError, invalid_argument
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""d2v-probe against real in-process gRPC servers: SERVING, NOT_SERVING, unknown service, unreachable, TLS."""
+"""d2v-healthcheck against real in-process gRPC servers: SERVING, NOT_SERVING, unknown service, unreachable, TLS."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from d2v_serve import probe
+from d2v_serve import healthcheck
 from tests.serve_fixtures import self_signed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 def test_serving_exits_0(target: str, servicer: health.HealthServicer, capsys: pytest.CaptureFixture) -> None:
     servicer.set("", Status.SERVING)
-    assert probe.main(["--target", target]) == 0
+    assert healthcheck.main(["--target", target]) == 0
     out, err = capsys.readouterr()
     assert "SERVING" in out and err == ""
 
@@ -60,7 +60,7 @@ def test_not_serving_exits_1_with_reason(
     target: str, servicer: health.HealthServicer, capsys: pytest.CaptureFixture
 ) -> None:
     servicer.set("", Status.NOT_SERVING)
-    assert probe.main(["--target", target]) == 1
+    assert healthcheck.main(["--target", target]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and "NOT_SERVING" in err and target in err
@@ -69,15 +69,15 @@ def test_not_serving_exits_1_with_reason(
 def test_named_service(target: str, servicer: health.HealthServicer, capsys: pytest.CaptureFixture) -> None:
     servicer.set("", Status.NOT_SERVING)
     servicer.set("d2v.v1.Embedder", Status.SERVING)
-    assert probe.main(["--target", target, "--service", "d2v.v1.Embedder"]) == 0
+    assert healthcheck.main(["--target", target, "--service", "d2v.v1.Embedder"]) == 0
     servicer.set("d2v.v1.Embedder", Status.NOT_SERVING)
-    assert probe.main(["--target", target, "--service", "d2v.v1.Embedder"]) == 1
+    assert healthcheck.main(["--target", target, "--service", "d2v.v1.Embedder"]) == 1
     assert "NOT_SERVING" in capsys.readouterr().err
 
 
 def test_unknown_service(target: str, servicer: health.HealthServicer, capsys: pytest.CaptureFixture) -> None:
     servicer.set("", Status.SERVING)
-    assert probe.main(["--target", target, "--service", "no.such.Service"]) == 1
+    assert healthcheck.main(["--target", target, "--service", "no.such.Service"]) == 1
     err = capsys.readouterr().err
     assert "unknown service" in err and "no.such.Service" in err
 
@@ -85,7 +85,7 @@ def test_unknown_service(target: str, servicer: health.HealthServicer, capsys: p
 def test_unreachable(capsys: pytest.CaptureFixture) -> None:
     target = f"127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
-    assert probe.main(["--target", target, "--timeout", "5"]) == 1
+    assert healthcheck.main(["--target", target, "--timeout", "5"]) == 1
     assert time.monotonic() - t0 < 4, "a refused connection should fail fast, not wait for the timeout"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreachable" in err and target in err
@@ -97,7 +97,7 @@ def test_silent_peer_times_out(capsys: pytest.CaptureFixture) -> None:
         listener.listen()
         target = f"127.0.0.1:{listener.getsockname()[1]}"
         t0 = time.monotonic()
-        assert probe.main(["--target", target, "--timeout", "0.5"]) == 1
+        assert healthcheck.main(["--target", target, "--timeout", "0.5"]) == 1
         assert time.monotonic() - t0 < 3
     assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
 
@@ -105,7 +105,7 @@ def test_silent_peer_times_out(capsys: pytest.CaptureFixture) -> None:
 def test_server_without_health_service(capsys: pytest.CaptureFixture) -> None:
     server, port = _start(None)
     try:
-        assert probe.main(["--target", f"127.0.0.1:{port}"]) == 1
+        assert healthcheck.main(["--target", f"127.0.0.1:{port}"]) == 1
     finally:
         server.stop(None)
     assert "UNIMPLEMENTED" in capsys.readouterr().err
@@ -115,22 +115,22 @@ def test_target_from_environment(
     target: str, servicer: health.HealthServicer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     servicer.set("", Status.SERVING)
-    monkeypatch.setenv(probe.TARGET_ENV, target)
-    assert probe.main([]) == 0
+    monkeypatch.setenv(healthcheck.TARGET_ENV, target)
+    assert healthcheck.main([]) == 0
     assert target in capsys.readouterr().out
 
 
 def test_default_target_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(probe.TARGET_ENV, raising=False)
-    assert probe._parser().parse_args([]).target == "localhost:50051"
+    monkeypatch.delenv(healthcheck.TARGET_ENV, raising=False)
+    assert healthcheck._parser().parse_args([]).target == "localhost:50051"
 
 
 @pytest.mark.parametrize(
     "argv", [["--timeout", "0"], ["--tls", "--client-cert", "c.pem"], ["--tls", "--client-key", "k.pem"]]
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
-    assert probe.main(argv) == 2
-    assert capsys.readouterr().err.startswith("d2v-probe: ")
+    assert healthcheck.main(argv) == 2
+    assert capsys.readouterr().err.startswith("d2v-healthcheck: ")
 
 
 def test_tls_and_mtls(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -143,10 +143,10 @@ def test_tls_and_mtls(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     server, port = _start(servicer, grpc.ssl_server_credentials(pair))
     target = ["--target", f"127.0.0.1:{port}", "--timeout", "2"]
     try:
-        assert probe.main(target + tls) == 0
-        assert probe.main(target) == 1  # plaintext to a TLS port
-        assert probe.main(target + ["--tls", "--ca-cert", str(cert)]) == 1  # certificate is not for 127.0.0.1
-        assert probe.main(target + ["--tls", "--ca-cert", str(tmp_path / "missing.pem")]) == 1
+        assert healthcheck.main(target + tls) == 0
+        assert healthcheck.main(target) == 1  # plaintext to a TLS port
+        assert healthcheck.main(target + ["--tls", "--ca-cert", str(cert)]) == 1  # certificate is not for 127.0.0.1
+        assert healthcheck.main(target + ["--tls", "--ca-cert", str(tmp_path / "missing.pem")]) == 1
     finally:
         server.stop(None)
     capsys.readouterr()
@@ -155,24 +155,24 @@ def test_tls_and_mtls(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     server, port = _start(servicer, mtls)
     target = ["--target", f"127.0.0.1:{port}", "--timeout", "2"]
     try:
-        assert probe.main(target + tls) == 1  # no client certificate
-        assert probe.main(target + tls + ["--client-cert", str(cert), "--client-key", str(key)]) == 0
+        assert healthcheck.main(target + tls) == 1  # no client certificate
+        assert healthcheck.main(target + tls + ["--client-cert", str(cert), "--client-key", str(key)]) == 0
     finally:
         server.stop(None)
 
 
-def test_probe_module_imports_no_heavy_packages() -> None:
+def test_healthcheck_module_imports_no_heavy_packages() -> None:
     code = (
-        "import sys, d2v_serve.probe\n"
+        "import sys, d2v_serve.healthcheck\n"
         "heavy = sorted({'torch', 'onnxruntime', 'numpy'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-def test_probe_as_a_process(target: str, servicer: health.HealthServicer) -> None:
+def test_healthcheck_as_a_process(target: str, servicer: health.HealthServicer) -> None:
     servicer.set("", Status.NOT_SERVING)
-    cmd = [sys.executable, "-m", "d2v_serve.probe", "--target", target]
+    cmd = [sys.executable, "-m", "d2v_serve.healthcheck", "--target", target]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "NOT_SERVING" in r.stderr
     servicer.set("", Status.SERVING)

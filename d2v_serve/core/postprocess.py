@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import failed_precondition, invalid_argument
-from .registry import REPRESENTATIONS, Model
+from ..errors import failed_precondition, invalid_argument
+from ..models.model_file import POOLINGS, REPRESENTATIONS
+from ..models.registry import Model
 from .request import EmbedOptions
 
-POOLINGS = ("mean", "none", "cls")
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
@@ -60,9 +60,10 @@ def output_options(model: Model, options: EmbedOptions) -> OutputOptions:
         raise invalid_argument(f"unknown dtype {options.dtype} (one of {', '.join(DTYPES)})")
     if options.representation not in model.outputs:
         raise failed_precondition(f"model {model.name} has no {options.representation} representation")
-    if model.modality == "audio" and options.representation == "target" and options.pooling != "none":
-        # each target layer is instance-normalised over the utterance's frames: any pooled vector is ~0
-        raise invalid_argument(f"audio target space is normalised over time per utterance, so {options.pooling} "
-                               "pooling carries no information; use pooling=none or representation=last")
+    if options.pooling not in model.meta.representations[options.representation].poolings:
+        # the model file says so: an instance-normalised target space has a mean over time of ~0
+        raise invalid_argument(f"{model.modality} target space is normalised over time per utterance, so "
+                               f"{options.pooling} pooling carries no information; use pooling=none or "
+                               "representation=last")
     return OutputOptions(model.outputs[options.representation], options.pooling, options.normalize,
                          DTYPES[options.dtype])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -11,23 +10,20 @@ from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher, BatchPolicy
-from .chunking import ChunkDefaults, audio_defaults, text_defaults
-from .config import ServerConfig
-from .model_file import ModelFileError, read_metadata
-from .preprocess import Preprocessing, audio_frames, max_text_chars, min_audio_samples, preprocessing_from_dict
-from .runtime import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
+from ..backend.runner import Runner, RuntimeSettings, cpu_cores, create_session, gpu_memory_bytes
+from ..config import ServerConfig
+from ..core.batcher import Batcher, BatchPolicy
+from ..core.chunking import ChunkDefaults, audio_defaults, text_defaults
+from ..preprocess import Preprocessing, audio_frames, max_text_chars, preprocessing_from_dict
+from .model_file import OUTPUT_MASK, ModelFileError, ModelFileMeta, patch_size_from_positions, read_metadata
 
 log = logging.getLogger(__name__)
-
-REPRESENTATIONS = {"last": "last_hidden_state", "target": "target_hidden_state"}
-
 
 @dataclass
 class Model:
     name: str
     path: Path
-    meta: dict[str, Any]
+    meta: ModelFileMeta
     preprocessing: Preprocessing
     runner: Runner
     policy: BatchPolicy
@@ -41,7 +37,7 @@ class Model:
 
     @property
     def modality(self) -> str:
-        return self.meta["modality"]
+        return self.meta.modality
 
     @property
     def sample_rate(self) -> int:
@@ -50,7 +46,7 @@ class Model:
     @property
     def min_samples(self) -> int:
         """Audio: the fewest samples (at the model's rate) that give one output frame."""
-        return min_audio_samples(self.meta["conv_layers"]) if self.modality == "audio" else 0
+        return self.meta.receptive_field
 
     @property
     def image_size(self) -> int:
@@ -62,8 +58,8 @@ class Model:
 
     @cached_property
     def outputs(self) -> dict[str, str]:
-        """The representations this model file offers: name -> graph output."""
-        return {k: v for k, v in REPRESENTATIONS.items() if v in self.runner.output_names}
+        """The representations this model file offers (and its graph has): name -> graph output."""
+        return {k: v.output for k, v in self.meta.representations.items() if v.output in self.runner.output_names}
 
     @property
     def ready(self) -> bool:
@@ -72,9 +68,7 @@ class Model:
     @cached_property
     def public_metadata(self) -> str:
         """The metadata as JSON without the tokenizer text (megabytes, and of no use to a client)."""
-        meta = json.loads(json.dumps(self.meta))
-        meta.get("preprocessing", {}).pop("tokenizer", None)
-        return json.dumps(meta, sort_keys=True)
+        return self.meta.public_json()
 
     @cached_property
     def image_positions(self) -> int:
@@ -88,7 +82,7 @@ class Model:
         if self.modality == "text":
             return int(value.shape[0])
         if self.modality == "audio":
-            return int(audio_frames(int(value.shape[0]), self.meta["conv_layers"]))
+            return int(audio_frames(int(value.shape[0]), self.meta.conv_layers))
         return self.image_positions
 
     def cost(self, value: np.ndarray) -> int:
@@ -129,26 +123,25 @@ def model_files(directory: Path) -> list[Path]:
 
 
 CPU_FILL_GFLOP = 40.0  # ~240 positions of a base model: beyond, batch 1 runs as fast per input as batch 32 on CPU
-_DEFAULT_PATCH_SIZE = 16  # image model files do not record it; every preset uses 16
 
 
-def units_per_position(meta: dict[str, Any]) -> int:
+def units_per_position(meta: ModelFileMeta) -> int:
     """Batch cost units (tokens, audio samples, image pixels) per output position (token, frame, patch)."""
-    if meta["modality"] == "audio":
-        return int(np.prod([stride for _dim, _kernel, stride in meta["conv_layers"]]))
-    if meta["modality"] == "image":
-        return int(meta.get("patch_size", _DEFAULT_PATCH_SIZE)) ** 2
+    if meta.modality == "audio":
+        return meta.conv_stride
+    if meta.modality == "image":
+        return meta.patch_size**2
     return 1
 
 
-def flop_per_position(meta: dict[str, Any]) -> float:
+def flop_per_position(meta: ModelFileMeta) -> float:
     """The Transformer's multiply-adds x 2 per position, attention scores aside: 12 d^2 per layer."""
-    return 24.0 * int(meta["hidden_size"]) ** 2 * int(meta.get("num_layers") or 1)
+    return 24.0 * meta.hidden_size**2 * (meta.num_layers or 1)
 
 
-def batch_policy(config: ServerConfig, meta: dict[str, Any], preprocessing: Preprocessing, max_tokens: int,
+def batch_policy(config: ServerConfig, meta: ModelFileMeta, preprocessing: Preprocessing, max_tokens: int,
                  on_cuda: bool) -> BatchPolicy:
-    modality = meta["modality"]
+    modality = meta.modality
     buckets = config.length_buckets if config.length_buckets >= 0 else (8 if on_cuda else 0)
     fill_gflop = config.batch_fill_gflop
     if fill_gflop < 0:
@@ -157,7 +150,7 @@ def batch_policy(config: ServerConfig, meta: dict[str, Any], preprocessing: Prep
     fill = int(fill_gflop * 1e9 / flop_per_position(meta) * unit)
     common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
                   sort_window=config.sort_window, max_queue=config.max_queue, max_padding=config.max_padding,
-                  fill=fill, attention_length=6 * int(meta["hidden_size"]) * unit)
+                  fill=fill, attention_length=6 * meta.hidden_size * unit)
     if modality == "text":
         return BatchPolicy(budget=config.max_batch_tokens, length_buckets=buckets, max_length=max_tokens, **common)
     if modality == "audio":
@@ -176,25 +169,27 @@ def runtime_settings(config: ServerConfig, sessions: int) -> RuntimeSettings:
 
 def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> Model:
     meta = read_metadata(path)
-    modality = meta["modality"]
+    modality = meta.modality
     try:
-        preprocessing = preprocessing_from_dict(modality, meta["preprocessing"])
+        preprocessing = preprocessing_from_dict(modality, meta.preprocessing)
     except ValueError as exc:
         raise ModelFileError(f"{path}: bad preprocessing metadata: {exc}") from None
     try:
-        session = create_session(str(path), settings, prefer_cpu=meta.get("precision") == "int8")
+        session = create_session(str(path), settings, prefer_cpu=meta.precision == "int8")
     except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError subclasses with long messages
         raise ModelFileError(f"{path}: onnxruntime cannot load it: {' '.join(str(exc).split())[:300]}") from None
     runner = Runner(session)
-    if meta.get("precision") == "fp16" and not runner.on_cuda:
+    if meta.precision == "fp16" and not runner.on_cuda:
         log.warning("fp16 model on CPU: it runs, but slower than its fp32 export", extra={"model_file": str(path)})
-    missing = [n for n in meta["inputs"] if n not in runner.input_names]
-    if missing or "output_mask" not in runner.output_names:
-        raise ModelFileError(f"{path}: graph lacks {', '.join(missing) or 'output_mask'}")
+    missing = [n for n in meta.inputs if n not in runner.input_names]
+    if missing or OUTPUT_MASK not in runner.output_names:
+        raise ModelFileError(f"{path}: graph lacks {', '.join(missing) or OUTPUT_MASK}")
+    if modality == "image" and not meta.patch_size:  # a version-1 file: its graph's fixed positions tell
+        meta = meta.replace(patch_size=_graph_patch_size(path, meta, runner))
     limits: dict[str, Any] = {}
     max_tokens = 0
     if modality == "text":
-        max_tokens = min(preprocessing.max_length, int(meta.get("max_positions") or preprocessing.max_length))
+        max_tokens = min(preprocessing.max_length, meta.max_positions or preprocessing.max_length)
         limits.update(max_tokens=max_tokens, max_text_chars=config.max_text_chars or max_text_chars(max_tokens))
     elif modality == "audio":
         limits.update(max_samples=int(config.max_audio_seconds * preprocessing.sample_rate),
@@ -206,9 +201,19 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
     if modality == "text":
         model.chunk = text_defaults(max_tokens, config.max_chunked_tokens, config.max_text_chars)
     elif modality == "audio":
-        model.chunk = audio_defaults(meta, preprocessing.sample_rate, config.max_audio_seconds,
+        model.chunk = audio_defaults(meta.training_crop_seconds, preprocessing.sample_rate, config.max_audio_seconds,
                                      config.max_chunked_audio_seconds)
     return model
+
+
+def _graph_patch_size(path: Path, meta: ModelFileMeta, runner: Runner) -> int:
+    shapes = {o.name: o.shape for o in runner.session.get_outputs()}
+    positions = shapes.get(OUTPUT_MASK, [None, None])[1]
+    patch = patch_size_from_positions(meta.image_size, positions) if isinstance(positions, int) else 0
+    if not patch:
+        raise ModelFileError(f"{path}: the image graph's {positions} output positions fit no patch grid of "
+                             f"{meta.image_size} pixels (re-export the model)")
+    return patch
 
 
 def load_models(directory: str | Path, config: ServerConfig) -> dict[str, Model]:
@@ -220,6 +225,6 @@ def load_models(directory: str | Path, config: ServerConfig) -> dict[str, Model]
         model = load_model(path, config, settings)
         models[model.name] = model
         log.info("model loaded", extra={"model": model.name, "modality": model.modality,
-                                        "provider": model.runner.provider, "precision": model.meta["precision"],
+                                        "provider": model.runner.provider, "precision": model.meta.precision,
                                         "threads": settings.intra_op_threads})
     return models

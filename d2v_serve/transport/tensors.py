@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._proto.d2v.v1 import embedder_pb2 as pb
+from .._proto.d2v.v1 import embedder_pb2 as pb
 
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2")}
 _BY_NUMPY = {v: k for k, v in DTYPES.items()}

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ._proto.d2v.v1 import embedder_pb2 as pb
-from .core import EmbeddingCore, EmbedResult, ModelInfo, model_info
-from .errors import INPUT_INDEX_KEY, ServeError, shutting_down
-from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from .._proto.d2v.v1 import embedder_pb2 as pb
+from ..core.describe import ModelInfo
+from ..core.engine import EmbeddingCore
+from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from ..core.results import EmbedResult
+from ..errors import INPUT_INDEX_KEY, ServeError, shutting_down
 from .tensors import fill_tensor
 from .wire import parse
 
@@ -36,17 +38,12 @@ class EmbedderService:
         self.core = core
 
     async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        with self.core.tracked():
-            try:
-                request = await self._embed_request(raw, "Embed")
-                result = await self.core.embed(request, context.time_remaining(), wait=False, method="Embed")
-                return embed_response(result)
-            except ServeError as exc:
-                error = exc
-            except asyncio.CancelledError:
-                if not self.core.cutting:  # the client went away
-                    raise
-                error = shutting_down()
+        try:
+            request = await self._embed_request(raw, "Embed")
+            result = await self.core.serve(request, timeout=context.time_remaining(), method="Embed")
+            return embed_response(result)
+        except ServeError as exc:
+            error = exc
         if error.input_index >= 0:
             context.set_trailing_metadata(((INPUT_INDEX_KEY, str(error.input_index)),))
         await context.abort(error.code, error.message)
@@ -54,7 +51,8 @@ class EmbedderService:
 
     async def EmbedStream(self, request_iterator: AsyncIterator[bytes],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
-        with self.core.tracked():
+        drain = self.core.drain  # the stream as a whole is in flight too: the drain waits for it, a cut ends it
+        with drain.tracked():
             slots = asyncio.Semaphore(self.core.config.stream_window)
             pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()  # holds at most window + 1
 
@@ -74,22 +72,21 @@ class EmbedderService:
                     yield response
                 await reader  # surfaces a failed read
             except asyncio.CancelledError:
-                if not self.core.cutting:
+                if not drain.cutting:
                     raise
             finally:
                 reader.cancel()
                 while not pending.empty():
                     if (task := pending.get_nowait()) is not None:
                         task.cancel()
-        if self.core.cutting:
+        if drain.cutting:
             error = shutting_down()
             await context.abort(error.code, error.message)
 
     async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         try:
             parse(raw, pb.ListModelsRequest, "ListModels")
-            return pb.ListModelsResponse(models=[model_info_message(model_info(m))
-                                                 for m in self.core.models.values()])
+            return pb.ListModelsResponse(models=[model_info_message(info) for info in self.core.describe_all()])
         except ServeError as exc:
             error = exc
         await context.abort(error.code, error.message)
@@ -98,7 +95,7 @@ class EmbedderService:
     async def DescribeModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             request = parse(raw, pb.DescribeModelRequest, "DescribeModel")
-            return model_info_message(model_info(self.core.named_model(request.model)))
+            return model_info_message(self.core.describe(request.model))
         except ServeError as exc:
             error = exc
         await context.abort(error.code, error.message)
@@ -109,7 +106,7 @@ class EmbedderService:
         try:
             request = await self._embed_request(raw, "EmbedStream")
             model, request_id = request.model, request.request_id
-            result = await self.core.embed(request, context.time_remaining(), wait=True, method="EmbedStream")
+            result = await self.core.serve(request, timeout=context.time_remaining(), wait=True, method="EmbedStream")
             return embed_response(result)
         except ServeError as exc:
             return pb.EmbedResponse(model=model, request_id=request_id, error=pb.Error(

@@ -1,4 +1,4 @@
-"""`d2v-probe`: a grpc.health.v1 health check for container HEALTHCHECKs and exec probes.
+"""`d2v-healthcheck`: a grpc.health.v1 health check for container HEALTHCHECKs and exec probes.
 
 Exits 0 when the server answers SERVING for the service, 1 otherwise (NOT_SERVING, unknown service, no health
 service, unreachable, timed out), 2 on bad arguments. Success prints one line on stdout; failure one line on
@@ -26,7 +26,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="d2v-probe",
+        prog="d2v-healthcheck",
         description="Check a gRPC server's grpc.health.v1 status: exit 0 when SERVING, 1 otherwise.",
     )
     p.add_argument(
@@ -90,16 +90,16 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.timeout <= 0:
-        print("d2v-probe: --timeout must be > 0", file=sys.stderr)
+        print("d2v-healthcheck: --timeout must be > 0", file=sys.stderr)
         return 2
     if bool(args.client_cert) != bool(args.client_key):
-        print("d2v-probe: --client-cert and --client-key go together", file=sys.stderr)
+        print("d2v-healthcheck: --client-cert and --client-key go together", file=sys.stderr)
         return 2
     try:
         ok, reason = check(args)
     except OSError as e:  # unreadable certificate files
         ok, reason = False, f"{args.target}: {_one_line(str(e))}"
-    print(f"d2v-probe: {reason}", file=sys.stdout if ok else sys.stderr)
+    print(f"d2v-healthcheck: {reason}", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import audio_frames, max_text_chars, min_audio_samples
+from ..preprocess import audio_frames, max_text_chars, min_audio_samples
 
 # Audio window when a model file does not record its training crop: fairseq's data2vec / wav2vec 2.0 crop,
 # 250 000 samples at 16 kHz.
@@ -38,11 +38,11 @@ class ChunkDefaults:
     max_tokens: int = 0
 
 
-def audio_defaults(meta: dict, sample_rate: int, max_audio_seconds: float, max_chunked_seconds: float
-                   ) -> ChunkDefaults:
+def audio_defaults(training_crop_seconds: float | None, sample_rate: int, max_audio_seconds: float,
+                   max_chunked_seconds: float) -> ChunkDefaults:
     """The model file's training crop (recorded at export; DEFAULT_AUDIO_WINDOW_S for files without it), within
     the server's --max-audio-seconds."""
-    window = min(float(meta.get("training_crop_seconds") or DEFAULT_AUDIO_WINDOW_S), max_audio_seconds)
+    window = min(float(training_crop_seconds or DEFAULT_AUDIO_WINDOW_S), max_audio_seconds)
     return ChunkDefaults(window, min(DEFAULT_AUDIO_OVERLAP_S, window / 2), max_seconds=max_chunked_seconds)
 
 

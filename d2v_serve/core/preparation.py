@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunking import ChunkPlan, Window, audio_windows, text_windows
-from .errors import ServeError, failed_precondition, invalid_argument
-from .preprocess import (
+from ..errors import ServeError, failed_precondition, invalid_argument
+from ..media import is_data_uri, parse_data_uri
+from ..models.registry import Model
+from ..preprocess import (
     InputTooLarge,
     InputTooLong,
     PreprocessError,
@@ -20,11 +19,10 @@ from .preprocess import (
     decode_audio,
     decode_image,
     frame_limit,
-    min_audio_samples,
     normalize_waveform,
     pcm_to_waveform,
 )
-from .registry import Model
+from .chunking import ChunkPlan, Window, audio_windows, text_windows
 from .request import Chunking, Input, Pcm
 
 KIND_MODALITY = {"audio": "audio", "pcm": "audio", "image": "image", "text": "text"}
@@ -62,7 +60,7 @@ def chunk_plan(model: Model, chunking: Chunking) -> ChunkPlan | None:
         if window > limit:
             raise invalid_argument(f"chunking window {window:g} s is over the server's --max-audio-seconds "
                                    f"({limit:g} s)")
-        shortest = min_audio_samples(model.meta["conv_layers"]) / rate
+        shortest = model.meta.receptive_field / rate
         if window < shortest:
             raise invalid_argument(f"chunking window {window:g} s is shorter than one frame ({shortest:g} s)")
         if overlap >= window:
@@ -226,7 +224,7 @@ def _audio_windows(model: Model, waveform: np.ndarray, rate: int, truncate: bool
         return dataclasses.replace(_audio(model, waveform, rate, truncate=False), truncated=truncated)
     pre = model.preprocessing
     samples = dataclasses.replace(pre, normalize=False).prepare(waveform, rate)
-    windows = audio_windows(len(samples), plan.window, plan.overlap, model.meta["conv_layers"])
+    windows = audio_windows(len(samples), plan.window, plan.overlap, model.meta.conv_layers)
     values = [samples[w.start: w.end] for w in windows]
     if pre.normalize:
         values = [normalize_waveform(v) for v in values]
@@ -239,12 +237,9 @@ def _audio_windows(model: Model, waveform: np.ndarray, rate: int, truncate: bool
 
 def _image_bytes(data: bytes) -> bytes:
     """Image bytes, or the payload of a `data:image/...;base64,` URI."""
-    if not data[:5].lower() == b"data:":
+    if not is_data_uri(data):
         return data
-    header, sep, payload = data.partition(b",")
-    if not sep or not header.lower().endswith(b";base64"):
-        raise PreprocessError("data URI must be data:<type>;base64,<payload>")
     try:
-        return base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError) as exc:
-        raise PreprocessError(f"data URI payload is not base64: {exc}") from None
+        return parse_data_uri(data)[1]
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from None

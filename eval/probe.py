@@ -7,7 +7,7 @@
 The probe is a standardised logistic regression (scikit-learn, fixed seed) scored by stratified k-fold
 cross-validation: every item is predicted once by a probe that never saw it, so small sets give a usable figure.
 scikit-learn and matplotlib come with the `eval` extra and are imported only here, when a probe or plot runs.
-The checkpoint path (torch) is `d2v.training.evaluate`; the `d2v-eval` command is there too.
+The checkpoint path (torch) and the `d2v-eval` command are in `d2v.eval.cli`.
 """
 
 from __future__ import annotations
@@ -21,21 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from .config import ServerConfig
-from .errors import ServeError
-from .inputs import prepare
-from .model_file import ModelFileError
-from .postprocess import output_options
-from .preprocess import PreprocessError, collate
-from .registry import Model, load_model
-from .request import EmbedOptions, Input
-from .runtime import RuntimeSettings, cpu_cores
+from d2v_serve.backend.runner import RuntimeSettings, cpu_cores
+from d2v_serve.config import ServerConfig
+from d2v_serve.core.postprocess import output_options
+from d2v_serve.core.preparation import prepare
+from d2v_serve.core.request import EmbedOptions, Input
+from d2v_serve.errors import ServeError
+from d2v_serve.media import MEDIA_SUFFIXES
+from d2v_serve.models.model_file import ModelFileError
+from d2v_serve.models.registry import Model, load_model
+from d2v_serve.preprocess import PreprocessError, collate
 
-EXTENSIONS = {
-    "audio": (".wav", ".flac", ".ogg", ".mp3"),
-    "image": (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
-    "text": (".txt",),
-}
 # The audio target space is instance-normalised over time per layer: its mean over frames is zero by construction.
 AUDIO_TARGET_POOLING = "audio target space is normalised over time per utterance, so its mean over frames is 0"
 Progress = Callable[[int], None]  # called with the number of items just embedded
@@ -63,7 +59,7 @@ def read_labelled(path: str | Path, modality: str) -> LabelledData:
     """A folder with one subfolder per class (files by extension; text: one .txt file per item), or a JSONL / CSV
     manifest with `path` or `text` and `label` (relative paths are taken from the manifest's folder)."""
     path = Path(path)
-    if modality not in EXTENSIONS:
+    if modality not in MEDIA_SUFFIXES:
         raise EvalError(f"unknown modality {modality!r}")
     if path.is_dir():
         data = _read_folder(path, modality)
@@ -88,11 +84,12 @@ def _read_folder(root: Path, modality: str) -> LabelledData:
     items, labels = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix.lower() in EXTENSIONS[modality]:
+            if f.is_file() and f.suffix.lower() in MEDIA_SUFFIXES[modality]:
                 items.append(f)
                 labels.append(folder.name)
     if not items:
-        raise EvalError(f"{root}: no {modality} files ({', '.join(EXTENSIONS[modality])}) in class subfolders")
+        suffixes = ", ".join(sorted(MEDIA_SUFFIXES[modality]))
+        raise EvalError(f"{root}: no {modality} files ({suffixes}) in class subfolders")
     return LabelledData(items, labels, str(root))
 
 
@@ -186,7 +183,7 @@ class OnnxEmbedder:
 
 def prepare_item(item: Any, modality: str, preprocessing: Any) -> np.ndarray:
     """One item through the torch-free preprocessing, for embedders that do not run an ONNX file (checkpoints)."""
-    from .preprocess import decode_audio, decode_image
+    from d2v_serve.preprocess import decode_audio, decode_image
 
     inp = read_item(item, modality)
     try:

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from d2v_serve.console import add_version
-from d2v_serve.evaluate import (
+from d2v_serve.models.model_file import ModelFileError, read_metadata
+
+from .probe import (
     EvalError,
     LabelledData,
     OnnxEmbedder,
@@ -39,7 +41,6 @@ from d2v_serve.evaluate import (
     read_labelled,
     representations,
 )
-from d2v_serve.model_file import ModelFileError, read_metadata
 
 AUTO = "auto"  # --baseline without a path: the checkpoint's own initial weights
 
@@ -50,9 +51,8 @@ class CheckpointEmbedder:
     def __init__(self, ckpt: dict[str, Any], initial: bool = False, batch_size: int = 32) -> None:
         import torch  # noqa: F401 - only checkpoints need torch
 
+        from d2v.training.checkpoint import encoder_config, initial_encoder, load_encoder, run_start
         from d2v_serve.preprocess import preprocessing_from_dict
-
-        from .checkpoint import encoder_config, initial_encoder, load_encoder, run_start
 
         self.cfg = encoder_config(ckpt)
         self.modality = ckpt["modality"]
@@ -63,9 +63,9 @@ class CheckpointEmbedder:
     def embed(self, items: Sequence[Any], progress: Progress | None = None) -> dict[str, np.ndarray]:
         import torch
 
+        from d2v.training.pooling import masked_mean
+        from d2v.training.targets import target_representation
         from d2v_serve.preprocess import collate
-
-        from .targets import target_representation
 
         names = representations(self.modality)
         pooled: dict[str, list[np.ndarray]] = {r: [] for r in names}
@@ -78,9 +78,8 @@ class CheckpointEmbedder:
                 hidden = {"last": out.last_hidden_state.float()}
                 if "target" in names:
                     hidden["target"] = target_representation(out, self.cfg)
-                w = out.valid_mask.unsqueeze(-1).to(torch.float64)
                 for r in names:
-                    mean = (hidden[r].double() * w).sum(1) / w.sum(1).clamp_min(1)
+                    mean = masked_mean(hidden[r].double(), out.valid_mask)
                     pooled[r].extend(mean.float().numpy())
             if progress is not None:
                 progress(len(values))
@@ -98,7 +97,7 @@ def embedder(model: str | Path, initial: bool = False, batch_size: int = 32) -> 
                             "(--baseline INIT.pt from d2v-train --steps 0, or its export)")
         return OnnxEmbedder(path, batch_size)
     try:
-        from .checkpoint import CheckpointError, load_checkpoint
+        from d2v.training.checkpoint import CheckpointError, load_checkpoint
     except ImportError:
         raise EvalError(f"{path}: evaluating a checkpoint needs torch (pip install 'd2v[train,eval]'), or "
                         "export it and pass the .onnx file") from None

@@ -9,14 +9,12 @@ With a bearer token configured, everything under /v1/ needs `Authorization: Bear
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import dataclasses
 import hmac
 import logging
-import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -33,9 +31,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import ServerConfig
-from .core import EmbeddingCore, EmbedResult, model_info
-from .errors import ServeError, deadline_exceeded, invalid_argument, shutting_down
+from ..config import ServerConfig
+from ..core.describe import ModelInfo
+from ..core.engine import EmbeddingCore
+from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
+from ..core.results import EmbedResult
+from ..errors import ServeError, invalid_argument
+from ..media import is_data_uri, parse_data_uri
 from .http_schema import (
     EmbedBody,
     EmbeddingsRequest,
@@ -46,7 +48,6 @@ from .http_schema import (
     ModelCard,
     ModelList,
 )
-from .request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +177,19 @@ def _too_large(limit: int) -> str:
 
 def decode_base64(text: str, what: str) -> bytes:
     """Standard base64, or the payload of a `data:<type>;base64,` URI. Raises ServeError."""
-    if text[:5].lower() == "data:":
-        header, sep, text = text.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise invalid_argument(f"{what}: a data URI must be data:<type>;base64,<payload>")
+    if is_data_uri(text):
+        return _data_uri(text, what)[1]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise invalid_argument(f"{what} is not valid base64") from None
+
+
+def _data_uri(text: str, what: str) -> tuple[str, bytes]:
+    try:
+        return parse_data_uri(text)
+    except ValueError as exc:
+        raise invalid_argument(f"{what}: {exc}") from None
 
 
 def openai_input(item: Any, modality: str | None) -> Input:
@@ -194,11 +200,12 @@ def openai_input(item: Any, modality: str | None) -> Input:
         raise invalid_argument("must be a string")
     if modality == "text":
         return Input("text", item)
-    if item[:5].lower() == "data:":
-        kind = _MEDIA_KINDS.get(item[5:].split("/", 1)[0].lower(), modality)
+    if is_data_uri(item):
+        media_type, payload = _data_uri(item, "the data URI")
+        kind = _MEDIA_KINDS.get(media_type.split("/", 1)[0].lower(), modality)
         if kind not in ("audio", "image"):
             raise invalid_argument("a data URI of type audio/* or image/* is expected")
-        return Input(kind, decode_base64(item, "the data URI"))
+        return Input(kind, payload)
     if modality in ("audio", "image"):
         raise invalid_argument(f"model takes {modality}: send a data:{modality}/...;base64, URI of the file")
     return Input("text", item)
@@ -264,12 +271,21 @@ def _as_is(value: np.ndarray) -> np.ndarray:
     return value
 
 
-async def _within(call: Awaitable[T], seconds: float | None) -> T:
-    """`call` with a deadline (TimeoutError); on 3.11+ without wait_for's extra task per call."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await call
-    return await asyncio.wait_for(call, seconds)
+def _modality(core: EmbeddingCore, name: str) -> str | None:
+    """The named model's modality; None when no model is named or the name is not served (the core answers)."""
+    if not name:
+        return None
+    try:
+        return core.describe(name).modality
+    except ServeError:
+        return None
+
+
+def _card(info: ModelInfo) -> dict[str, Any]:
+    fields = dataclasses.asdict(info)
+    created = fields.pop("created")
+    fields["metadata"] = orjson.loads(fields.pop("metadata_json") or "{}")
+    return {"id": info.name, "object": "model", "created": created, "owned_by": "d2v", "d2v": fields}
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -328,16 +344,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                               "internal")
 
     async def embed_with_core(request: EmbedRequest, headers: Mapping[str, str], method: str) -> EmbedResult:
-        timeout = _timeout(config, headers)
-        with core.tracked():
-            try:
-                return await _within(core.embed(request, timeout, wait=False, method=method), timeout)
-            except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
-                raise deadline_exceeded(f"no result within {timeout:g} s") from None
-            except asyncio.CancelledError:
-                if not core.cutting:  # the client went away
-                    raise
-                raise shutting_down() from None  # the drain's grace ran out: 503, not a dropped connection
+        return await core.serve(request, timeout=_timeout(config, headers), method=method)
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=security,
               summary="OpenAI-compatible embeddings (mean pooled, L2-normalised)",
@@ -345,17 +352,12 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
     async def embeddings(request: Request) -> Response:
         body = await parse_body(request, EmbeddingsRequest)
         items = [body.input] if isinstance(body.input, str) else body.input
-        named = core.models.get(body.model)
+        modality = _modality(core, body.model)
         try:
-            inputs = _each(items, lambda item: openai_input(item, named.modality if named else None))
-            embed_request = EmbedRequest(inputs, body.model, EmbedOptions(normalize=True))
-            if body.dimensions is not None:
-                model = core.model_for(embed_request)
-                hidden = int(model.meta["hidden_size"])
-                if body.dimensions != hidden:
-                    raise invalid_argument(f"model {model.name} gives {hidden} dimensions; dimensions="
-                                           f"{body.dimensions} is not supported")
-            result = await embed_with_core(embed_request, request.headers, "/v1/embeddings")
+            inputs = _each(items, lambda item: openai_input(item, modality))
+            options = EmbedOptions(normalize=True, dimensions=body.dimensions)
+            result = await embed_with_core(EmbedRequest(inputs, body.model, options), request.headers,
+                                           "/v1/embeddings")
         except ServeError as exc:
             return serve_error_response(exc)
         encode = _b64 if body.encoding_format == "base64" else _as_is
@@ -394,25 +396,17 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
         return _json({"model": result.model, "embeddings": embeddings, "usage": dataclasses.asdict(result.usage),
                       "timings": dataclasses.asdict(result.timings), "request_id": result.request_id})
 
-    def card(name: str) -> dict[str, Any]:
-        model = core.models[name]
-        info = dataclasses.asdict(model_info(model))
-        info["metadata"] = orjson.loads(info.pop("metadata_json") or "{}")
-        return {"id": name, "object": "model", "created": int(model.path.stat().st_mtime), "owned_by": "d2v",
-                "d2v": info}
-
     @app.get("/v1/models", response_model=ModelList, dependencies=security, summary="The served models")
     async def list_models() -> Response:
-        return _json({"object": "list", "data": [card(name) for name in core.models]})
+        return _json({"object": "list", "data": [_card(info) for info in core.describe_all()]})
 
     @app.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS, dependencies=security,
              summary="One served model")
     async def describe_model(model: str) -> Response:
         try:
-            core.named_model(model)
+            return _json(_card(core.describe(model)))
         except ServeError as exc:
             return serve_error_response(exc)
-        return _json(card(model))
 
     @app.get("/health", summary="200 while SERVING (warmed up, workers alive, not draining), else 503")
     async def health() -> JSONResponse:

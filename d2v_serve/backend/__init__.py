@@ -1,0 +1,1 @@
+"""The model runtime: ONNX Runtime sessions (CUDA or CPU), their runner and their logging."""
