@@ -47,10 +47,20 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-# ---- serve: the image, on the flavour's base ---------------------------------------------------------------------
-# The base image sets CUDA_VERSION in the GPU flavour, so install-serving.sh installs onnxruntime-gpu and checks its
-# CUDA against the image's; otherwise it installs plain onnxruntime.
+# ---- install: the serving venv, on the flavour's base ------------------------------------------------------------
+# The GPU base sets CUDA_VERSION, so install-serving.sh installs onnxruntime-gpu and checks its CUDA against the
+# image's; otherwise it installs plain onnxruntime. No bytecode, no pip, no cache: serve copies the venv alone.
 # The base is a stage of this file (base-cpu or base-gpu), whose tags are pinned above.
+# hadolint ignore=DL3006
+FROM base-${FLAVOR} AS install
+COPY --from=builder /wheels /wheels
+COPY deploy/install-serving.sh deploy/check-cuda.sh /usr/local/lib/d2v/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca-bundle \
+    PYTHONDONTWRITEBYTECODE=1 sh /usr/local/lib/d2v/install-serving.sh /opt/d2v /wheels
+
+# ---- serve: the image (the default target) -----------------------------------------------------------------------
+# The same base again, as install's: the venv's interpreter is the base's python3.
 # hadolint ignore=DL3006
 FROM base-${FLAVOR} AS serve
 ARG FLAVOR
@@ -65,12 +75,9 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONPYCACHEPREFIX=/tmp/pycache \
     PATH=/opt/d2v/bin:${PATH} \
     D2V_PROBE_TARGET=localhost:50051
-COPY --chmod=0755 deploy/install-serving.sh deploy/check-cuda.sh deploy/docker-entrypoint.sh /usr/local/lib/d2v/
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    --mount=type=cache,target=/root/.cache/pip \
-    --mount=type=secret,id=ca-bundle \
-    PIP_NO_COMPILE=1 sh /usr/local/lib/d2v/install-serving.sh /opt/d2v /wheels \
-    && groupadd --system --gid 10001 d2v \
+COPY --from=install /opt/d2v /opt/d2v
+COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/lib/d2v/
+RUN groupadd --system --gid 10001 d2v \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin d2v \
     && mkdir -p /models
 USER 10001:10001

@@ -42,8 +42,9 @@ wheel=$1
 
 "${PYTHON:-python3}" -m venv "$venv"
 pip="$venv/bin/python -m pip --no-input --disable-pip-version-check"
+# --no-compile: no bytecode is written at install (the image ships none); Python compiles on first import.
 if [ "$onnxruntime" = onnxruntime ]; then
-    $pip install "$wheel"
+    $pip install --no-compile "$wheel"
 else
     # The wheel's own requirements (no extras), onnxruntime renamed; then the wheel without its dependencies.
     "$venv/bin/python" - "$wheel" "$onnxruntime" > "$venv/d2v-requirements.txt" <<'PY'
@@ -60,8 +61,8 @@ for req in requires:
     if "extra ==" not in req:
         print(re.sub(r"^onnxruntime(?=[\s<>=!~;\[]|$)", onnxruntime, req))
 PY
-    $pip install -r "$venv/d2v-requirements.txt"
-    $pip install --no-deps "$wheel"
+    $pip install --no-compile -r "$venv/d2v-requirements.txt"
+    $pip install --no-compile --no-deps "$wheel"
     rm "$venv/d2v-requirements.txt"
 fi
 

@@ -113,13 +113,13 @@ def test_hadolint_ignores_carry_a_reason() -> None:
 
 def test_dockerfile_stages_and_bases() -> None:
     args, stages, order = _stages()
-    assert order == ["builder", "base-cpu", "base-gpu", "serve"], "serve is the last stage, i.e. the default target"
+    assert order == ["builder", "base-cpu", "base-gpu", "install", "serve"], "serve last: the default target"
     assert args["FLAVOR"] == "gpu", "the GPU flavour is the default"
     cuda = stages["base-gpu"][0][1]
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu(22|24)\.04", cuda), cuda
     assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm", stages["base-cpu"][0][1])
     assert stages["builder"][0][1] == stages["base-cpu"][0][1]
-    assert stages["serve"][0][1] == "base-gpu"  # FROM base-${FLAVOR}
+    assert stages["install"][0][1] == stages["serve"][0][1] == "base-gpu"  # FROM base-${FLAVOR}, GPU by default
     builder_runs = " ".join(rest for op, rest in stages["builder"] if op == "RUN")
     assert "deploy/build-wheel.sh" in builder_runs
 
@@ -128,16 +128,19 @@ def _labels(ops: list[tuple[str, str]]) -> dict[str, str]:
     return dict(re.findall(r'(\S+)="([^"]*)"', " ".join(rest for op, rest in ops if op == "LABEL")))
 
 
-def test_serve_stage() -> None:
-    """One stage for both flavours: one install step, one set of labels, user, ports and health check."""
+def test_install_and_serve_stages() -> None:
+    """One install step and one serve stage for both flavours: labels, user, ports and health check once."""
     _, stages, _ = _stages()
     ops: dict[str, list[str]] = {}
     for op, rest in stages["serve"]:
         ops.setdefault(op, []).append(rest)
 
-    (install,) = [r for r in ops["RUN"] if "install-serving.sh /opt/d2v /wheels" in r]
-    assert "from=builder" in install and "type=secret,id=ca-bundle" in install
-    pip_runs = [r for r in ops["RUN"] if re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
+    (install,) = [rest for op, rest in stages["install"] if op == "RUN"]
+    assert "install-serving.sh /opt/d2v /wheels" in install and "type=secret,id=ca-bundle" in install
+    assert ("COPY", "--from=builder /wheels /wheels") in stages["install"]
+    assert ops["COPY"][0] == "--from=install /opt/d2v /opt/d2v", "serve takes the venv alone, not the wheels"
+    pip_runs = [r for s in ("install", "serve") for op, r in stages[s]
+                if op == "RUN" and re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
     assert not pip_runs, "install only through deploy/install-serving.sh, which the tests run"
     assert ops["USER"] == ["10001:10001"], "numeric non-root user, so runAsNonRoot can verify it"
     assert ops["EXPOSE"] == ["50051 8080 9090"]  # gRPC, HTTP, metrics
@@ -154,7 +157,7 @@ def test_serve_stage() -> None:
     assert labels["ai.d2v.flavor"] == "${FLAVOR}"
     assert labels["org.opencontainers.image.title"] == "d2v-serve"
 
-    copied = [r for r in ops["COPY"] if "docker-entrypoint.sh" in r][0].split()
+    copied = " ".join(rest for op, rest in stages["install"] + stages["serve"] if op == "COPY")
     for script in ("install-serving.sh", "check-cuda.sh", "docker-entrypoint.sh"):
         assert f"deploy/{script}" in copied
 
