@@ -287,6 +287,16 @@ def test_serving_install_swaps_onnxruntime_for_the_gpu_build(serving_venv: tuple
     assert not {"pip", "setuptools"} & names
 
 
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_serving_install_with_gpu_onnxruntime_says_why_cuda_is_not_used(serving_venv: tuple[Path, Path],
+                                                                       device: str) -> None:
+    """onnxruntime-gpu with CUDA hidden: auto falls back to the CPU with one warning, cuda fails naming why."""
+    from tests.test_serve_units import check_session_logs
+
+    venv, _ = serving_venv
+    check_session_logs(str(venv / "bin/python"), device)
+
+
 def test_serving_install_rejects_an_unknown_onnxruntime(tmp_path: Path) -> None:
     r = subprocess.run(["sh", str(DEPLOY / "install-serving.sh"), str(tmp_path / "venv"), str(tmp_path)],
                        env={**os.environ, "ONNXRUNTIME": "onnxruntime-rocm"}, capture_output=True, text=True)
