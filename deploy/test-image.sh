@@ -49,6 +49,7 @@ ensure_venv "."
 echo "test-image: $(buildah --version), $(mmdebstrap --version)"
 phase "setup"
 
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || fail "context" "$repo is not a git checkout"
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 git ls-files -z --cached --others --exclude-standard \
