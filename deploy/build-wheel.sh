@@ -7,4 +7,7 @@ if [ "$#" -ne 2 ]; then
     echo "usage: $0 SOURCE_DIR WHEEL_DIR" >&2
     exit 2
 fi
+if [ -f /run/secrets/ca-bundle ]; then
+    export PIP_CERT=/run/secrets/ca-bundle  # the build secret `ca-bundle` (docs/deploy.md)
+fi
 "${PYTHON:-python3}" -m pip wheel --no-input --no-deps --wheel-dir "$2" "$1"

@@ -29,6 +29,11 @@ ensure_venv() {
     python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }
   fi
   .venv/bin/python -m pip install -q --upgrade pip
+  # onnxruntime-gpu (what older versions of pyproject.toml asked for on Linux) and onnxruntime ship the same module:
+  # remove both, and the install below brings back the one pyproject.toml names.
+  if .venv/bin/python -m pip show -q onnxruntime-gpu >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y onnxruntime-gpu onnxruntime
+  fi
   .venv/bin/python -m pip install -q -e "$spec"
   echo "$want" > "$stamp"
 }

@@ -113,26 +113,34 @@ def test_hadolint_ignores_carry_a_reason() -> None:
 
 def test_dockerfile_stages_and_bases() -> None:
     args, stages, order = _stages()
-    assert order[0] == "builder" and order[-1] == "gpu", "gpu is the last stage, i.e. the default target"
-    assert set(order) == {"builder", "cpu", "gpu"}
-    cuda = stages["gpu"][0][1]
+    assert order == ["builder", "base-cpu", "base-gpu", "install", "serve"], "serve last: the default target"
+    assert args["FLAVOR"] == "gpu", "the GPU flavour is the default"
+    cuda = stages["base-gpu"][0][1]
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu(22|24)\.04", cuda), cuda
-    assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm", stages["cpu"][0][1])
-    assert stages["builder"][0][1] == stages["cpu"][0][1]
+    assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm", stages["base-cpu"][0][1])
+    assert stages["builder"][0][1] == stages["base-cpu"][0][1]
+    assert stages["install"][0][1] == stages["serve"][0][1] == "base-gpu"  # FROM base-${FLAVOR}, GPU by default
     builder_runs = " ".join(rest for op, rest in stages["builder"] if op == "RUN")
     assert "deploy/build-wheel.sh" in builder_runs
 
 
-@pytest.mark.parametrize("stage", ["cpu", "gpu"])
-def test_runtime_stage(stage: str) -> None:
+def _labels(ops: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(re.findall(r'(\S+)="([^"]*)"', " ".join(rest for op, rest in ops if op == "LABEL")))
+
+
+def test_install_and_serve_stages() -> None:
+    """One install step and one serve stage for both flavours: labels, user, ports and health check once."""
     _, stages, _ = _stages()
     ops: dict[str, list[str]] = {}
-    for op, rest in stages[stage]:
+    for op, rest in stages["serve"]:
         ops.setdefault(op, []).append(rest)
-    base = ops["BASE"][0]
 
-    assert any("install-serving.sh /opt/d2v /wheels" in r and "from=builder" in r for r in ops["RUN"])
-    pip_runs = [r for r in ops["RUN"] if re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
+    (install,) = [rest for op, rest in stages["install"] if op == "RUN"]
+    assert "install-serving.sh /opt/d2v /wheels" in install and "type=secret,id=ca-bundle" in install
+    assert ("COPY", "--from=builder /wheels /wheels") in stages["install"]
+    assert ops["COPY"][0] == "--from=install /opt/d2v /opt/d2v", "serve takes the venv alone, not the wheels"
+    pip_runs = [r for s in ("install", "serve") for op, r in stages[s]
+                if op == "RUN" and re.search(r"\bpip3?\s+install\b|-m\s+pip\b", r)]
     assert not pip_runs, "install only through deploy/install-serving.sh, which the tests run"
     assert ops["USER"] == ["10001:10001"], "numeric non-root user, so runAsNonRoot can verify it"
     assert ops["EXPOSE"] == ["50051 8080 9090"]  # gRPC, HTTP, metrics
@@ -143,17 +151,27 @@ def test_runtime_stage(stage: str) -> None:
     for flag in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert flag in health_cmd
 
-    labels = dict(re.findall(r'(\S+)="([^"]*)"', " ".join(ops["LABEL"])))
-    version_arg = next(a for a in ops["ARG"] if a.startswith("D2V_VERSION="))
-    assert version_arg == f"D2V_VERSION={PYPROJECT['project']['version']}"
+    labels = _labels(stages["serve"])
+    assert "D2V_VERSION=" + PYPROJECT["project"]["version"] in ops["ARG"] and "FLAVOR" in ops["ARG"]
     assert labels["org.opencontainers.image.version"] == "${D2V_VERSION}"
-    assert labels["org.opencontainers.image.base.name"] == base
-    assert labels["ai.d2v.flavor"] == stage
+    assert labels["ai.d2v.flavor"] == "${FLAVOR}"
     assert labels["org.opencontainers.image.title"] == "d2v-serve"
 
-    copied = [r for r in ops["COPY"] if "docker-entrypoint.sh" in r][0].split()
+    copied = " ".join(rest for op, rest in stages["install"] + stages["serve"] if op == "COPY")
     for script in ("install-serving.sh", "check-cuda.sh", "docker-entrypoint.sh"):
         assert f"deploy/{script}" in copied
+
+
+@pytest.mark.parametrize(("flavor", "base_arg"), [("cpu", "PYTHON_IMAGE"), ("gpu", "CUDA_IMAGE")])
+def test_flavour_bases_name_themselves(flavor: str, base_arg: str) -> None:
+    """Each base stage labels the image with the base it was built on (a build argument, so an override shows)."""
+    _, stages, _ = _stages()
+    stage = stages[f"base-{flavor}"]
+    assert ("ARG", base_arg) in stage
+    labels = _labels(stage)
+    assert labels["org.opencontainers.image.base.name"] == "${" + base_arg + "}"
+    assert labels["org.opencontainers.image.description"]
+    assert not {"ai.d2v.flavor", "org.opencontainers.image.title"} & labels.keys(), "shared labels live in serve"
 
 
 # ---------------------------------------------------------------------------------------------------- .dockerignore
@@ -241,7 +259,7 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 def _cuda_of_base_image() -> str:
     _, stages, _ = _stages()
-    return re.match(r"nvidia/cuda:(\d+\.\d+\.\d+)-", stages["gpu"][0][1]).group(1)  # type: ignore[union-attr]
+    return re.match(r"nvidia/cuda:(\d+\.\d+\.\d+)-", stages["base-gpu"][0][1]).group(1)  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +275,33 @@ def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     env.pop("VIRTUAL_ENV", None)
     r = _run(["sh", str(context / "deploy/install-serving.sh"), str(venv), str(wheels)], env=env, timeout=480)
     assert "check-cuda:" in r.stdout and "matches the image's CUDA" in r.stdout
+    assert "install-serving: onnxruntime-gpu " in r.stdout, "CUDA_VERSION set: onnxruntime-gpu in onnxruntime's place"
     yield venv, next(wheels.glob("d2v-*.whl"))
+
+
+def test_serving_install_swaps_onnxruntime_for_the_gpu_build(serving_venv: tuple[Path, Path]) -> None:
+    """The GPU install has onnxruntime-gpu instead of onnxruntime (never both), and no installer left behind."""
+    venv, _ = serving_venv
+    names = {p.name.split("-")[0].lower() for p in venv.glob("lib/python*/site-packages/*.dist-info")}
+    assert "onnxruntime_gpu" in names and "onnxruntime" not in names
+    assert not {"pip", "setuptools"} & names
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_serving_install_with_gpu_onnxruntime_says_why_cuda_is_not_used(serving_venv: tuple[Path, Path],
+                                                                       device: str) -> None:
+    """onnxruntime-gpu with CUDA hidden: auto falls back to the CPU with one warning, cuda fails naming why."""
+    from tests.test_serve_units import check_session_logs
+
+    venv, _ = serving_venv
+    check_session_logs(str(venv / "bin/python"), device)
+
+
+def test_serving_install_rejects_an_unknown_onnxruntime(tmp_path: Path) -> None:
+    r = subprocess.run(["sh", str(DEPLOY / "install-serving.sh"), str(tmp_path / "venv"), str(tmp_path)],
+                       env={**os.environ, "ONNXRUNTIME": "onnxruntime-rocm"}, capture_output=True, text=True)
+    assert r.returncode == 2 and "ONNXRUNTIME must be onnxruntime or onnxruntime-gpu" in r.stderr
+    assert not (tmp_path / "venv").exists()
 
 
 def _installed_name(folder: str) -> str:
@@ -456,7 +500,9 @@ def test_venv_install_is_skipped_while_pyproject_is_unchanged(tmp_path: Path) ->
         _run(["bash", "-c", f"source {REPO}/scripts/bootstrap.sh && ensure_venv '{spec}'"], cwd=tmp_path, timeout=30)
         return calls.read_text().splitlines() if calls.exists() else []
 
-    assert ensure(".") == ["-m pip install -q --upgrade pip", "-m pip install -q -e ."]
+    # (the fake python says yes to `pip show onnxruntime-gpu`, so the swap to plain onnxruntime runs as well)
+    assert ensure(".") == ["-m pip install -q --upgrade pip", "-m pip show -q onnxruntime-gpu",
+                           "-m pip uninstall -q -y onnxruntime-gpu onnxruntime", "-m pip install -q -e ."]
     assert ensure(".") == []  # current: no pip at all
     assert ensure(".[test]")[-1] == "-m pip install -q -e .[test]"  # another spec has its own stamp
     assert ensure(".") == []
