@@ -29,6 +29,7 @@ _MODALITY_NAMES = {pb.MODALITY_AUDIO: "audio", pb.MODALITY_IMAGE: "image", pb.MO
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
 _AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MEDIA_SUFFIXES = {"audio": _AUDIO_SUFFIXES, "image": _IMAGE_SUFFIXES}  # file suffixes by modality (d2v-bulk too)
 
 
 @dataclass
