@@ -121,8 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "shard_size": args.shard_size}
         job = JobDir.open(Path(args.out), spec, resume=args.resume)
         progress = Progress(source.count(), job.done_items, enabled=not args.quiet)
-        summary = run_job(source, engine, job, options=spec["options"], shard_size=args.shard_size,
-                          batch_size=args.batch_size, fail_fast=args.fail_fast, progress=progress)
+        if args.engine == "ray":
+            summary = engine.run(source, job, options=spec["options"], shard_size=args.shard_size,
+                                 fail_fast=args.fail_fast, progress=progress)
+        else:
+            summary = run_job(source, engine, job, options=spec["options"], shard_size=args.shard_size,
+                              batch_size=args.batch_size, fail_fast=args.fail_fast, progress=progress)
     except (JobRefused, SourceError, ModelFileError) as exc:
         print(f"d2v-bulk: {exc}", file=sys.stderr)
         return 2

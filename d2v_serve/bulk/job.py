@@ -106,6 +106,13 @@ class ShardWriter:
         self.rows += len(self._ids)
         self._ids, self._vectors, self._positions = [], [], []
 
+    def write(self, table: Any) -> None:
+        """Rows already in the shard's schema (the Ray engine's)."""
+        self.flush()
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
     def close(self) -> int:
         self.flush()
         self._writer.close()
@@ -164,6 +171,7 @@ class JobDir:
                 f.truncate(self.errors_bytes)
         for p in self.path.glob("*.tmp"):
             p.unlink()
+
 
     def _save(self) -> None:
         tmp = self.path / (MANIFEST + ".tmp")
