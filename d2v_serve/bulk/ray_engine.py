@@ -105,7 +105,8 @@ class RayJob:
         if self._started_ray:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR")
-        self.threads = threads or max(1, int(ray.available_resources().get("CPU", cpu_cores())) // replicas)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", cpu_cores())))
+        self.threads = threads or max(1, self.cpus // replicas)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # a shard's rows in the input's order
         context.enable_progress_bars = False
@@ -176,7 +177,7 @@ class RayJob:
         blocks = [records.slice(i, step) for i in range(0, len(rows), step)]
         return ray.data.from_arrow(blocks).map_batches(
             _Embedder, batch_format="pyarrow", batch_size=step,
-            compute=ray.data.ActorPoolStrategy(size=self.replicas), num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=self.replicas), num_cpus=min(self.threads, self.cpus),
             fn_constructor_kwargs={"model_path": str(self.path), "options": options, "threads": self.threads,
                                    "schema": schema, "batch_size": self.batch_size})
 
