@@ -294,3 +294,17 @@ def test_refusals_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[
     pq.write_table(pa.table({"n": [1, 2]}), tmp_path / "t.parquet")
     assert bulk(tmp_path / "t.parquet", "--model", "demo-text", "--out", tmp_path / "o") == 2
     assert "no column 'text'" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_json_lines(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from d2v_serve.bulk import job
+
+    monkeypatch.setattr(job, "_PROGRESS_EVERY_S", 0.0)
+    progress = job.Progress(total=100, done=20)
+    time.sleep(0.01)
+    progress.advance(30, 2)
+    progress.close()
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["done"] == 50 and line["total"] == 100 and line["errors"] == 2
+    assert line["items_per_s"] > 0 and line["eta_s"] == pytest.approx(50 / line["items_per_s"], abs=0.1)
