@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .engines import LocalEngine
 
             config = ServerConfig(http_port=0, metrics_port=0, intra_op_threads=args.threads)
-            engine = LocalEngine(model_file(args.model), opts, config=config)
+            engine = LocalEngine(model_file(args.model), opts, batch_size=args.batch_size, config=config)
         source = Source(args.input, engine.modality, args.column)
         spec = {"model": engine.identity, "options": options_dict(opts), "input": source.describe(),
                 "shard_size": args.shard_size}

@@ -100,14 +100,16 @@ def options_dict(opts: EmbedOptions) -> dict[str, Any]:
 
 class LocalEngine:
     """The server's core (preprocessing pool, batcher, ORT runner) in this process, with no transport: what the
-    gRPC and HTTP front ends call, called directly. `window` batches are in flight at once (the read-ahead)."""
+    gRPC and HTTP front ends call, called directly. `window` calls are in flight at once (the read-ahead; default:
+    enough batches of `batch_size` to fill the core's queue, --max-queue inputs, so that the batcher sorts as deep a
+    window as in a busy server)."""
 
-    def __init__(self, model_path: str | Path, opts: EmbedOptions, *, window: int = 8,
+    def __init__(self, model_path: str | Path, opts: EmbedOptions, *, batch_size: int = 64, window: int = 0,
                  config: ServerConfig | None = None) -> None:
         self.path = Path(model_path)
         self.options = opts
-        self.window = window
         self.config = config or ServerConfig(http_port=0, metrics_port=0)
+        self.window = window or max(2, self.config.max_queue // batch_size)
         self.model = load_model(self.path, self.config, runtime_settings(self.config, 1))
         self.modality = self.model.modality
         self.hidden_size = int(self.model.meta["hidden_size"])

@@ -44,7 +44,7 @@ class _Embedder:
     def __init__(self, model_path: str, options: dict[str, Any], threads: int, schema: pa.Schema,
                  batch_size: int) -> None:
         config = ServerConfig(http_port=0, metrics_port=0, intra_op_threads=threads)
-        self.engine = LocalEngine(model_path, _options_from(options), config=config)
+        self.engine = LocalEngine(model_path, _options_from(options), batch_size=batch_size, config=config)
         self.schema, self.batch_size = schema, batch_size
         self.per_position = options["pooling"] == "none"
         self.dtype = np.float16 if options["dtype"] == "float16" else np.float32
