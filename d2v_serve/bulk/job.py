@@ -79,7 +79,8 @@ class ShardWriter:
         import pyarrow.parquet as pq
 
         self.path, self.schema, self.rows_per_group = path, schema, rows_per_group
-        self._writer = pq.ParquetWriter(path, schema)
+        # no dictionary encoding: it never pays on float vectors, and trying costs more CPU than the rest of the write
+        self._writer = pq.ParquetWriter(path, schema, use_dictionary=False)
         self.rows = 0
         self._ids: list[Any] = []
         self._vectors: list[np.ndarray] = []
