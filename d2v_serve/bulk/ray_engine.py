@@ -1,9 +1,10 @@
 """`--engine ray`: the in-process engine (the server's core) inside Ray Data actors, one model session per actor.
 
-Shards, the manifest, errors.jsonl and resuming are the local job's (`job.JobDir`): each unfinished shard becomes a
-Ray dataset of its records, `map_batches` runs them through an actor pool of `replicas` embedders (each actor reads
-its records' files itself, so on a cluster the files are read where they are embedded), and Ray Data's Parquet
-writer writes the shard, which is then committed like any other. Needs the `ray` extra.
+Shards, the manifest, errors.jsonl and resuming are the local job's (`job.JobDir`): each wave of unfinished shards
+becomes a Ray dataset of its records, `map_batches` runs them through an actor pool of `replicas` embedders (each
+actor reads its records' files itself, so on a cluster the files are read where they are embedded, and returns typed
+Arrow rows), and the rows come back to the driver in order, which writes and commits each shard as the local job
+does. Needs the `ray` extra.
 """
 
 from __future__ import annotations
