@@ -112,6 +112,12 @@ class ServerConfig:
                                                       "choices": ("debug", "info", "warning", "error")})
     log_format: str = field(default="json", metadata={"help": "json (one object per line) or text",
                                                        "choices": ("json", "text")})
+    # traces (the otel extra)
+    otlp_endpoint: str = field(default="", metadata={"help": "OTLP/HTTP collector to send traces to, e.g. "
+                                                             "http://otel-collector:4318 (default: the standard "
+                                                             "OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)"})
+    otlp_service_name: str = field(default="", metadata={"help": "service.name of the traces (default: "
+                                                                 "OTEL_SERVICE_NAME, else d2v-serve)"})
 
     def validate(self) -> None:
         """Raise ValueError (one line) on inconsistent settings."""
