@@ -22,9 +22,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from .logs import setup_logging
     from .models.model_file import ModelFileError
     from .server import Server
+    from .tracing import tracing_from_config
 
     try:
         config = parse_config(argv)
+        tracing = tracing_from_config(config)
     except ValueError as exc:
         print(f"d2v-serve: {exc}", file=sys.stderr)
         return 2
@@ -35,7 +37,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     try:
-        return asyncio.run(Server(config, models).run())
+        return asyncio.run(Server(config, models, tracing).run())
     except (ModelFileError, OSError, ValueError, RuntimeError) as exc:
         print(f"d2v-serve: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from .config import ServerConfig
 from .core.batcher import Batcher
 from .core.engine import EmbeddingCore
 from .models.registry import Model, load_models
+from .tracing import Tracing, tracing_from_config
 from .transport.auth import BearerTokenInterceptor
 from .transport.grpc_service import SERVICE_NAME, EmbedderService, add_to_server
 from .transport.http_app import create_app
@@ -68,8 +69,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class Server:
     """Start with `await start()`, stop with `await stop()`; `run()` does both around SIGTERM/SIGINT."""
 
-    def __init__(self, config: ServerConfig, models_dir: str | Path) -> None:
+    def __init__(self, config: ServerConfig, models_dir: str | Path, tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else tracing_from_config(config)
         self.models_dir = Path(models_dir)
         self.models: dict[str, Model] = {}
         self.port = 0
@@ -91,7 +93,7 @@ class Server:
         self.models = await asyncio.to_thread(load_models, self.models_dir, cfg)
         workers = cfg.preprocess_workers or min(8, cpu_cores())
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="d2v-pre")
-        self.core = EmbeddingCore(self.models, self._pool, cfg)
+        self.core = EmbeddingCore(self.models, self._pool, cfg, self.tracing)
         for name in ["", SERVICE_NAME, *map(model_health_name, self.models)]:
             await self.health.set(name, NOT_SERVING)
 
@@ -170,6 +172,7 @@ class Server:
                 await asyncio.to_thread(model.batcher.close, max(1.0, deadline - time.monotonic()))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
         log.info("stopped")
 
     async def run(self) -> int:

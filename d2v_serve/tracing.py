@@ -43,6 +43,7 @@ class CallStamps:
     admitted: float = 0.0  # its inputs hold queue room
     preprocessed: float = 0.0  # its inputs are decoded and queued
     end: float = 0.0
+    batches: list[BatchRun] = field(default_factory=list)  # the runs that carried its inputs (repeats allowed)
 
 
 class Tracing:
@@ -59,8 +60,8 @@ class Tracing:
             self._extract, self._kind = extract, SpanKind.SERVER
             self._error = lambda message: Status(StatusCode.ERROR, message)
 
-    def record(self, method: str, model: str, stamps: CallStamps, batches: list[BatchRun],
-               carrier: Mapping[str, str] | None = None, *, inputs: int = 0, error: str = "") -> None:
+    def record(self, method: str, model: str, stamps: CallStamps, carrier: Mapping[str, str] | None = None, *,
+               inputs: int = 0, error: str = "") -> None:
         """The spans of one finished call. `carrier`: the caller's trace headers; `error`: the status code name of
         a failed call ('' when it succeeded)."""
         if not self.enabled:
@@ -79,7 +80,7 @@ class Tracing:
         self._child("admission", parent, to_ns(stamps.start), to_ns(admitted))
         if stamps.preprocessed:
             self._child("preprocess", parent, to_ns(admitted), to_ns(preprocessed))
-        runs = sorted({id(b): b for b in batches}.values(), key=lambda b: b.start)
+        runs = sorted({id(b): b for b in stamps.batches}.values(), key=lambda b: b.start)
         if runs:
             self._child("queue", parent, to_ns(preprocessed), to_ns(runs[0].start))
             for run in runs:

@@ -26,6 +26,7 @@ from .. import metrics
 from ..backend.runner import Runner
 from ..errors import ServeError, deadline_exceeded, internal, resource_exhausted, unavailable
 from ..preprocess import collate
+from ..tracing import BatchRun
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class ItemResult:
     positions: int
     queue_s: float
     run_s: float
+    batch: BatchRun | None = None  # the model run that computed it (traces)
 
 
 class Batcher:
@@ -345,10 +347,10 @@ class Batcher:
         with self._cond:
             self._returning += len(batch)
             self._free_since = done
-        self._record(batch, outs, run_s)
-        self._post.submit(self._deliver, batch, outs, start, run_s)
+        run = self._record(batch, outs, start, run_s)
+        self._post.submit(self._deliver, batch, outs, run)
 
-    def _record(self, batch: list[Item], outs: dict[str, np.ndarray], run_s: float) -> None:
+    def _record(self, batch: list[Item], outs: dict[str, np.ndarray], start: float, run_s: float) -> BatchRun:
         mask = outs[OUTPUT_MASK]
         valid = int(np.count_nonzero(mask))
         metrics.child(metrics.BATCH_SIZE, self.name).observe(len(batch))
@@ -357,11 +359,12 @@ class Batcher:
         metrics.child(metrics.POSITIONS, self.name, "padded").inc(mask.size - valid)
         metrics.child(metrics.BUSY_SECONDS, self.name).inc(run_s)
         metrics.child(metrics.STAGE_SECONDS, self.name, "inference").observe(run_s)
+        return BatchRun(start, run_s, len(batch), int(mask.size), int(mask.size) - valid)
 
-    def _deliver(self, batch: list[Item], outs: dict[str, np.ndarray], start: float, run_s: float) -> None:
+    def _deliver(self, batch: list[Item], outs: dict[str, np.ndarray], run: BatchRun) -> None:
         """Finish each input from its rows of the batch output: inputs whose `finish` has a `finish_batch`
         (pooling options) are finished together, a group at a time; the others one by one."""
-        t0 = time.monotonic()
+        t0, start = time.monotonic(), run.start
         positions = np.count_nonzero(outs[OUTPUT_MASK], axis=1)  # right-padded: an input's valid rows come first
         groups: dict[tuple[str, Any], list[int]] = {}
         for i, item in enumerate(batch):
@@ -386,7 +389,8 @@ class Batcher:
                     batch[i].future.set_exception(internal(f"postprocessing failed: {exc}"))
                 continue
             for i, value in zip(rows, values, strict=True):
-                batch[i].future.set_result(ItemResult(value, int(positions[i]), start - batch[i].enqueued, run_s))
+                batch[i].future.set_result(ItemResult(value, int(positions[i]), start - batch[i].enqueued,
+                                                                run.run_s, run))
         queue_hist = metrics.child(metrics.STAGE_SECONDS, self.name, "queue")
         for item in batch:
             queue_hist.observe(start - item.enqueued)

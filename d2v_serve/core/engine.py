@@ -23,6 +23,7 @@ from .. import metrics
 from ..config import ServerConfig
 from ..errors import ServeError, deadline_exceeded, internal, invalid_argument, not_found, shutting_down
 from ..models.registry import Model
+from ..tracing import CallStamps, Tracing
 from . import admission, assembly
 from .batcher import Item
 from .budget import ByteBudget
@@ -44,10 +45,12 @@ T = TypeVar("T")
 
 
 class EmbeddingCore:
-    def __init__(self, models: dict[str, Model], pool: Executor, config: ServerConfig) -> None:
+    def __init__(self, models: dict[str, Model], pool: Executor, config: ServerConfig,
+                 tracing: Tracing | None = None) -> None:
         self.models = models
         self.pool = pool
         self.config = config
+        self.tracing = tracing or Tracing()
         self.drain = Drain(on_idle=self._release_memory_if_due)
         self._budget = ByteBudget(config.max_preprocess_mb * 2**20)
         self._relay = Relay()
@@ -109,13 +112,17 @@ class EmbeddingCore:
 
     async def _embed(self, request: EmbedRequest, timeout: float | None, wait: bool, method: str) -> EmbedResult:
         start = time.perf_counter()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        stamps = CallStamps()
+        deadline = None if timeout is None else stamps.start + timeout
         model_name = "-"  # metric label: a served model's name, never a client's arbitrary string
+        error = "CANCELLED"  # until the call ends otherwise
         try:
             model = self.model_for(request)
             model_name = model.name
-            result = await self._embed_with(model, request, deadline, wait, start)
+            result = await self._embed_with(model, request, deadline, wait, start, stamps)
+            error = ""
         except ServeError as exc:
+            error = exc.code.name
             metrics.REQUESTS.labels(method, exc.code.name).inc()
             metrics.ERRORS.labels(model_name, exc.code.name).inc()
             log.info("request failed", extra={"method": method, "model": request.model, "code": exc.code.name,
@@ -125,11 +132,17 @@ class EmbeddingCore:
             metrics.REQUESTS.labels(method, "CANCELLED").inc()
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must reach the client as INTERNAL, not a hang
+            error = "INTERNAL"
             log.exception("request crashed", extra={"method": method, "model": model_name})
             metrics.REQUESTS.labels(method, "INTERNAL").inc()
             metrics.ERRORS.labels(model_name, "INTERNAL").inc()
             # the type only: an exception's text can carry object reprs and addresses (the log has it all)
             raise internal(f"internal error ({type(exc).__name__}); the server log has the details") from exc
+        finally:
+            if self.tracing.enabled:
+                stamps.end = time.monotonic()
+                self.tracing.record(method, model_name, stamps, request.trace_context, inputs=len(request.inputs),
+                                    error=error)
         metrics.child(metrics.REQUESTS, method, "OK").inc()
         metrics.child(metrics.INPUTS, model.name).inc(len(request.inputs))
         metrics.child(metrics.STAGE_SECONDS, model.name, "total").observe(time.perf_counter() - start)
@@ -139,7 +152,7 @@ class EmbeddingCore:
         return result
 
     async def _embed_with(self, model: Model, request: EmbedRequest, deadline: float | None, wait: bool,
-                          start: float) -> EmbedResult:
+                          start: float, stamps: CallStamps) -> EmbedResult:
         if self.drain.draining:
             raise shutting_down()
         dimensions = request.options.dimensions
@@ -155,6 +168,7 @@ class EmbeddingCore:
         n = len(request.inputs)
         await admission.reserve(batcher, n, wait)
         reserved = n
+        stamps.admitted = time.monotonic()
         items: list[Item] = []
         try:
             size = sum(input_bytes(inp) for inp in request.inputs)
@@ -170,11 +184,13 @@ class EmbeddingCore:
                 reserved += windows
             items = [item for p in prepared for item in assembly.batch_items(model, p, options, plan, deadline)]
             batcher.submit(items)
+            stamps.preprocessed = time.monotonic()
         except BaseException:
             if not items:
                 batcher.release(reserved)
             raise
         results = await self._relay.gather([it.future for it in items])
+        stamps.batches = [r.batch for r in results if r.batch is not None]
         return assembly.result(model, request, prepared, results, options, plan, preprocess_s,
                                time.perf_counter() - start)
 

@@ -58,3 +58,4 @@ class EmbedRequest:
     model: str = ""  # empty: the one model serving the first input's modality
     options: EmbedOptions = field(default_factory=EmbedOptions)
     request_id: str = ""  # echoed in the result
+    trace_context: dict[str, str] = field(default_factory=dict)  # the caller's W3C traceparent / tracestate

@@ -47,6 +47,12 @@ class Timings:
     total_ms: float
 
 
+# Per-call timings as HTTP response headers and gRPC trailing metadata: milliseconds, and the output positions
+# (tokens, audio frames, patches) computed for the call's inputs, padding excluded.
+TIMING_HEADERS = {"total": "x-d2v-total-ms", "preprocess": "x-d2v-preprocess-ms", "queue": "x-d2v-queue-ms",
+                  "inference": "x-d2v-inference-ms", "positions": "x-d2v-positions"}
+
+
 @dataclass(slots=True)
 class EmbedResult:
     model: str
@@ -54,3 +60,10 @@ class EmbedResult:
     usage: Usage
     timings: Timings
     request_id: str
+
+    def timing_headers(self) -> list[tuple[str, str]]:
+        """The call's timings under TIMING_HEADERS' names, as both transports send them."""
+        ms = {"total": self.timings.total_ms, "preprocess": self.timings.preprocess_ms,
+              "queue": self.timings.queue_ms, "inference": self.timings.inference_ms}
+        return [(TIMING_HEADERS[k], f"{v:.3f}") for k, v in ms.items()] + \
+            [(TIMING_HEADERS["positions"], str(self.usage.positions))]

@@ -17,6 +17,7 @@ from ..core.engine import EmbeddingCore
 from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 from ..core.results import EmbedResult
 from ..errors import INPUT_INDEX_KEY, ServeError, shutting_down
+from ..tracing import TRACE_HEADERS
 from .tensors import fill_tensor
 from .wire import parse
 
@@ -40,7 +41,9 @@ class EmbedderService:
     async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         try:
             request = await self._embed_request(raw, "Embed")
+            request.trace_context = trace_context(context)
             result = await self.core.serve(request, timeout=context.time_remaining(), method="Embed")
+            context.set_trailing_metadata(result.timing_headers())
             return embed_response(result)
         except ServeError as exc:
             error = exc
@@ -106,6 +109,7 @@ class EmbedderService:
         try:
             request = await self._embed_request(raw, "EmbedStream")
             model, request_id = request.model, request.request_id
+            request.trace_context = trace_context(context)
             result = await self.core.serve(request, timeout=context.time_remaining(), wait=True, method="EmbedStream")
             return embed_response(result)
         except ServeError as exc:
@@ -118,6 +122,11 @@ class EmbedderService:
         if len(raw) <= _PARSE_INLINE_BYTES:
             return parse_embed_request(raw, method)
         return await asyncio.get_running_loop().run_in_executor(self.core.pool, parse_embed_request, raw, method)
+
+
+def trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The caller's W3C trace headers, from the call's metadata."""
+    return {key: value for key, value in context.invocation_metadata() or () if key in TRACE_HEADERS}
 
 
 def parse_embed_request(raw: bytes, method: str) -> EmbedRequest:

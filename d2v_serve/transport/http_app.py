@@ -38,6 +38,7 @@ from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 from ..core.results import EmbedResult
 from ..errors import ServeError, invalid_argument
 from ..media import is_data_uri, parse_data_uri
+from ..tracing import TRACE_HEADERS
 from .http_schema import (
     EmbedBody,
     EmbeddingsRequest,
@@ -253,10 +254,11 @@ def _timeout(config: ServerConfig, headers: Mapping[str, str]) -> float | None:
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 
-def _json(payload: Any) -> Response:
+def _json(payload: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
     """orjson writes numpy arrays itself, each float in its shortest round-trip form for its dtype (float32
     values come back bit-identical), about 15x faster than json.dumps over a list of Python floats."""
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=dict(headers))
 
 
 def _dtype_name(value: np.ndarray) -> str:
@@ -344,6 +346,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                               "internal")
 
     async def embed_with_core(request: EmbedRequest, headers: Mapping[str, str], method: str) -> EmbedResult:
+        request.trace_context = {key: headers[key] for key in TRACE_HEADERS if key in headers}
         return await core.serve(request, timeout=_timeout(config, headers), method=method)
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=security,
@@ -365,7 +368,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                 for i, e in enumerate(result.embeddings)]
         tokens = result.usage.tokens or result.usage.positions
         return _json({"object": "list", "data": data, "model": result.model,
-                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, result.timing_headers())
 
     @app.post("/v1/embed", response_model=EmbedResponseBody, responses=_ERRORS, dependencies=security,
               summary="Embed: a JSON mirror of the gRPC d2v.v1.Embedder/Embed call",
@@ -394,7 +397,8 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
                                          "tensor": tensor(w.value)} for w in e.windows]
             embeddings.append(embedding)
         return _json({"model": result.model, "embeddings": embeddings, "usage": dataclasses.asdict(result.usage),
-                      "timings": dataclasses.asdict(result.timings), "request_id": result.request_id})
+                      "timings": dataclasses.asdict(result.timings), "request_id": result.request_id},
+                     result.timing_headers())
 
     @app.get("/v1/models", response_model=ModelList, dependencies=security, summary="The served models")
     async def list_models() -> Response:
