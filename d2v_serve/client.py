@@ -21,11 +21,11 @@ from ._proto.d2v.v1 import embedder_pb2 as pb
 from ._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc
 from .errors import INPUT_INDEX_KEY
 from .media import MEDIA_SUFFIXES
-from .transport.tensors import from_tensor
+from .transport.tensors import NAMES, from_tensor
 
 POOLING = {"none": pb.POOLING_NONE, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS}
 REPRESENTATION = {"last": pb.REPRESENTATION_LAST_LAYER, "target": pb.REPRESENTATION_TARGET}
-DTYPE = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+DTYPE = NAMES  # float32, float16, int8, uint8, binary, ubinary
 _MODALITY_NAMES = {pb.MODALITY_AUDIO: "audio", pb.MODALITY_IMAGE: "image", pb.MODALITY_TEXT: "text"}
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
 

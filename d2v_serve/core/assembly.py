@@ -61,4 +61,4 @@ def result(model: Model, request: EmbedRequest, prepared: list[Prepared], result
         usage.images = len(embeddings)
     timings = Timings(preprocess_ms=1000 * preprocess_s, queue_ms=1000 * max(r.queue_s for r in results),
                       inference_ms=1000 * max(r.run_s for r in results), total_ms=1000 * total_s)
-    return EmbedResult(model.name, embeddings, usage, timings, request.request_id)
+    return EmbedResult(model.name, embeddings, usage, timings, request.request_id, request.options.dtype)

@@ -60,6 +60,7 @@ class EmbedResult:
     usage: Usage
     timings: Timings
     request_id: str
+    dtype: str = "float32"  # the values' dtype name (core.postprocess.DTYPES): int8 and binary share numpy's int8
 
     def timing_headers(self) -> list[tuple[str, str]]:
         """The call's timings under TIMING_HEADERS' names, as both transports send them."""

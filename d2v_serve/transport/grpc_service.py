@@ -18,7 +18,7 @@ from ..core.request import Chunking, EmbedOptions, EmbedRequest, Input, Pcm
 from ..core.results import EmbedResult
 from ..errors import INPUT_INDEX_KEY, ServeError, shutting_down
 from ..tracing import TRACE_HEADERS
-from .tensors import fill_tensor
+from .tensors import NAMES, fill_tensor
 from .wire import parse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # d2v.v1.Embedder
@@ -30,7 +30,7 @@ _REPRESENTATIONS = {pb.REPRESENTATION_UNSPECIFIED: "last", pb.REPRESENTATION_LAS
                     pb.REPRESENTATION_TARGET: "target"}
 _POOLINGS = {pb.POOLING_UNSPECIFIED: "mean", pb.POOLING_MEAN: "mean", pb.POOLING_NONE: "none",
              pb.POOLING_CLS: "cls"}
-_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16"}
+_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", **{enum: name for name, enum in NAMES.items()}}
 _PCM_ENCODINGS = {pb.Pcm.ENCODING_FLOAT32: "float32", pb.Pcm.ENCODING_INT16: "int16"}
 
 
@@ -189,11 +189,11 @@ def embed_response(result: EmbedResult) -> pb.EmbedResponse:
     timings.total_ms = t.total_ms
     for e in result.embeddings:
         embedding = response.embeddings.add(positions=e.positions, truncated=e.truncated)
-        fill_tensor(embedding.tensor, e.value)
+        fill_tensor(embedding.tensor, e.value, result.dtype)
         for w in e.windows or ():
             window = embedding.windows.add(start=w.start, end=w.end, positions=w.positions,
                                            kept_start=w.kept_start, kept_end=w.kept_end)
-            fill_tensor(window.tensor, w.value)
+            fill_tensor(window.tensor, w.value, result.dtype)
     return response
 
 

@@ -261,10 +261,6 @@ def _json(payload: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
                     headers=dict(headers))
 
 
-def _dtype_name(value: np.ndarray) -> str:
-    return "float16" if value.dtype.itemsize == 2 else "float32"
-
-
 def _b64(value: np.ndarray) -> str:
     return base64.b64encode(value.tobytes()).decode("ascii")  # the core's arrays are little-endian, C order
 
@@ -358,7 +354,9 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
         modality = _modality(core, body.model)
         try:
             inputs = _each(items, lambda item: openai_input(item, modality))
-            options = EmbedOptions(normalize=True, dimensions=body.dimensions)
+            compact = body.encoding_format not in ("float", "base64")
+            options = EmbedOptions(normalize=True, dimensions=body.dimensions,
+                                   dtype=body.encoding_format if compact else "float32")
             result = await embed_with_core(EmbedRequest(inputs, body.model, options), request.headers,
                                            "/v1/embeddings")
         except ServeError as exc:
@@ -386,7 +384,7 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
         encode = _b64 if body.data_format == "base64" else _as_is
 
         def tensor(value: np.ndarray) -> dict[str, Any]:
-            return {"shape": list(value.shape), "dtype": _dtype_name(value), "data": encode(value)}
+            return {"shape": list(value.shape), "dtype": result.dtype, "data": encode(value)}
 
         embeddings = []
         for e in result.embeddings:

@@ -26,8 +26,11 @@ class EmbeddingsRequest(BaseModel):
         description="a string or a list of strings. Text models embed them as text; audio and image models take "
                     "each as a `data:<type>;base64,<payload>` URI of an encoded file (wav, flac, ogg; png, jpeg, ...). "
                     "Token-id arrays are refused.")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="`base64`: each embedding as base64 of little-endian float32")
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float", description="`base64`: each embedding as base64 of little-endian float32. d2v's extension, compact "
+                             "vectors as lists of integers: `int8` (round(127 v / max|v|) of the normalised vector), "
+                             "`uint8` (int8 + 128), `ubinary` (sign bits packed 8 to a byte, first dimension in "
+                             "the high bit) and `binary` (those bytes - 128)")
     dimensions: int | None = Field(None, description="only the model's own hidden size is accepted")
     user: str | None = Field(None, description="accepted and ignored")
 
@@ -35,7 +38,7 @@ class EmbeddingsRequest(BaseModel):
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
 
 
 class EmbeddingsUsage(BaseModel):
@@ -115,7 +118,8 @@ class OptionsBody(BaseModel):
                                                                            "space")
     pooling: Literal["mean", "none", "cls"] = Field("mean", description="none: one vector per valid position")
     normalize: bool = Field(False, description="L2-normalise each output vector")
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"] = Field(
+        "float32", description="int8, uint8, binary, ubinary: compact pooled vectors (see the Embedder proto's DType)")
     truncate: bool = Field(False, description="cut over-long inputs instead of failing")
     chunking: ChunkingBody = Field(default_factory=ChunkingBody, description="long audio and text in overlapping "
                                                                               "windows, joined into one embedding")
@@ -135,7 +139,7 @@ class EmbedBody(BaseModel):
 
 class TensorBody(BaseModel):
     shape: list[int]
-    dtype: Literal["float32", "float16"]
+    dtype: Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
     data: list[Any] | str
 
 

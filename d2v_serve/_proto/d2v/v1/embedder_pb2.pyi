@@ -25,6 +25,10 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_BINARY: _ClassVar[DType]
+    DTYPE_UBINARY: _ClassVar[DType]
 
 class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +46,10 @@ POOLING_CLS: Pooling
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+DTYPE_BINARY: DType
+DTYPE_UBINARY: DType
 MODALITY_UNSPECIFIED: Modality
 MODALITY_AUDIO: Modality
 MODALITY_IMAGE: Modality
