@@ -276,4 +276,5 @@ def model_dict(info: pb.ModelInfo) -> dict[str, Any]:
         "file": info.file, "metadata": json.loads(info.metadata_json) if info.metadata_json else {},
         "chunk_window": info.chunk_window, "chunk_overlap": info.chunk_overlap,
         "max_chunked_audio_seconds": info.max_chunked_audio_seconds, "max_chunked_tokens": info.max_chunked_tokens,
+        "file_sha256": info.file_sha256, "loaded_at": info.loaded_at,
     }

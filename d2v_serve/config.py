@@ -99,6 +99,8 @@ class ServerConfig:
                                                                           "rebalance (0: never)"})
     max_connection_age_grace_s: float = field(default=30.0, metadata={"help": "grace for calls on an aged "
                                                                                "connection"})
+    watch_models: float = field(default=0.0, metadata={"help": "re-read --models every this many seconds, as "
+                                                               "SIGHUP does (0: only on SIGHUP)"})
     shutdown_grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, time given to in-flight calls"})
     # security
     auth_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' (health and "
@@ -139,7 +141,7 @@ class ServerConfig:
         nonneg = ("port", "http_port", "metrics_port", "intra_op_threads", "gpu_mem_limit_gb", "preprocess_workers",
                   "http_timeout_s", "max_delay_ms", "max_concurrent_rpcs", "max_text_chars", "keepalive_time_s",
                   "keepalive_timeout_s",
-                  "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s")
+                  "max_connection_age_s", "max_connection_age_grace_s", "shutdown_grace_s", "watch_models")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

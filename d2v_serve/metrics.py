@@ -33,6 +33,9 @@ STAGE_SECONDS = Histogram("d2v_stage_seconds", "Time per stage: preprocess (per 
                           "inference (per batch), postprocess (per batch), total (per request)",
                           ["model", "stage"], buckets=_LATENCY_BUCKETS)
 DROPPED = Counter("d2v_dropped_inputs_total", "Inputs dropped at dequeue", ["model", "reason"])
+MODEL_RELOADS = Counter("d2v_model_reloads_total", "Model files handled by reloads (SIGHUP, --watch-models), by "
+                        "result: loaded (new), replaced, unloaded, failed (the old version keeps serving)",
+                        ["result"])
 WORKER_UP = Gauge("d2v_worker_up", "1 while a model's worker is warmed up and alive", ["model"])
 
 

@@ -16,9 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import metrics
 from .backend.runner import cpu_cores
 from .config import ServerConfig
-from .core.batcher import Batcher
 from .core.engine import EmbeddingCore
-from .models.registry import Model, load_models
+from .models.registry import Model, load_models, start_worker
+from .reload import ModelReloader
 from .tracing import Tracing, tracing_from_config
 from .transport.auth import BearerTokenInterceptor
 from .transport.grpc_service import SERVICE_NAME, EmbedderService, add_to_server
@@ -84,6 +84,7 @@ class Server:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.reloader = ModelReloader(self)
 
     async def start(self) -> None:
         """Load the models, listen (health NOT_SERVING), warm every model up, then report SERVING."""
@@ -120,10 +121,7 @@ class Server:
                                      "auth": bool(interceptors), "models": list(self.models),
                                      "config": cfg.redacted()})
 
-        for model in self.models.values():
-            model.batcher = Batcher(model.name, model.modality, model.runner, model.policy, model.pad_id,
-                                    on_death=self._on_worker_death)
-        ready = {name: asyncio.wrap_future(m.batcher.start(m.warmup_batches(cfg.max_batch_size) if cfg.warmup else []))
+        ready = {name: asyncio.wrap_future(start_worker(m, cfg, self.on_worker_death))
                  for name, m in self.models.items()}
         for name, warmed in ready.items():
             try:
@@ -135,7 +133,16 @@ class Server:
         self.serving = True
         log.info("serving", extra={"port": self.port, "startup_s": round(time.monotonic() - started, 3)})
 
-    def _on_worker_death(self, name: str, exc: BaseException) -> None:
+    def publish(self, models: dict[str, Model]) -> None:
+        """Serve `models` from the next call on (a reload's swap: one assignment, seen by every transport)."""
+        self.models = models
+        if self.core is not None:
+            self.core.models = models
+
+    async def set_model_health(self, name: str, serving: bool) -> None:
+        await self.health.set(model_health_name(name), SERVING if serving else NOT_SERVING)
+
+    def on_worker_death(self, name: str, exc: BaseException) -> None:
         """From the dead worker's thread: the whole server reports NOT_SERVING (a replica missing a model is
         broken; let the orchestrator replace it)."""
         if self._loop is not None and not self._loop.is_closed():
@@ -170,6 +177,7 @@ class Server:
         for model in self.models.values():
             if model.batcher is not None:
                 await asyncio.to_thread(model.batcher.close, max(1.0, deadline - time.monotonic()))
+        await self.reloader.close(max(1.0, deadline - time.monotonic()))  # versions replaced by a reload
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.tracing.shutdown)  # export the spans still buffered
@@ -181,9 +189,15 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
+        watch = None
         try:
             await self.start()
+            if self.config.watch_models > 0:
+                watch = asyncio.create_task(self.reloader.watch(self.config.watch_models))
             await stop.wait()
         finally:
+            if watch is not None:
+                watch.cancel()
             await self.stop()
         return 0

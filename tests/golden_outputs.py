@@ -170,9 +170,13 @@ def record(target: str, http_url: str, models: dict[str, str]) -> dict[str, np.n
         stub = pb_grpc.EmbedderStub(channel)
         for model, modality in models.items():
             info = stub.DescribeModel(pb.DescribeModelRequest(model=model), timeout=60)
+            info.ClearField("loaded_at")  # when this server loaded it
+            info.ClearField("file_sha256")  # the file's identity, checked in tests/test_reload.py
             out[f"{model}/grpc/describe"] = np.array(json_format.MessageToJson(info, sort_keys=True))
             card = json.loads(urllib.request.urlopen(f"{http_url}/v1/models/{model}", timeout=60).read())
             card.pop("created")  # the file's mtime
+            card["d2v"].pop("loaded_at")
+            card["d2v"].pop("file_sha256")
             out[f"{model}/http/describe"] = np.array(json.dumps(card, sort_keys=True))
             items = inputs(modality)
             for representation, pooling, normalize, dtype in _OPTIONS:

@@ -23,11 +23,10 @@ import numpy as np
 from ..backend.runner import cpu_cores
 from ..client import Audio, Client, EmbedError, Image, from_tensor, options, to_input
 from ..config import ServerConfig
-from ..core.batcher import Batcher
 from ..core.engine import EmbeddingCore
 from ..core.request import EmbedOptions, EmbedRequest, Input
 from ..errors import ServeError
-from ..models.registry import load_model, runtime_settings
+from ..models.registry import load_model, runtime_settings, start_worker
 from .sources import Failure
 
 Outcome = tuple[np.ndarray, int] | Failure
@@ -83,14 +82,6 @@ class Isolation:
         return out  # type: ignore[return-value] - every slot is filled
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def options_dict(opts: EmbedOptions) -> dict[str, Any]:
     c = opts.chunking
     return {"representation": opts.representation, "pooling": opts.pooling, "normalize": opts.normalize,
@@ -113,7 +104,7 @@ class LocalEngine:
         self.model = load_model(self.path, self.config, runtime_settings(self.config, 1))
         self.modality = self.model.modality
         self.hidden_size = self.model.meta.hidden_size
-        self.identity = {"name": self.model.name, "sha256": file_sha256(self.path)}
+        self.identity = {"name": self.model.name, "sha256": self.model.sha256}
         self.isolation = Isolation()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="d2v-bulk-loop", daemon=True)
@@ -121,9 +112,7 @@ class LocalEngine:
         workers = self.config.preprocess_workers or min(8, cpu_cores())
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="d2v-pre")
         self.core = EmbeddingCore({self.model.name: self.model}, self._pool, self.config)
-        m = self.model
-        m.batcher = Batcher(m.name, m.modality, m.runner, m.policy, m.pad_id)
-        m.batcher.start(m.warmup_batches(self.config.max_batch_size) if self.config.warmup else []).result()
+        start_worker(self.model, self.config).result()
 
     def embed_once(self, inputs: list[Input]) -> list[tuple[np.ndarray, int]]:
         request = EmbedRequest(inputs, self.model.name, self.options)

@@ -24,7 +24,8 @@ from ..backend.runner import cpu_cores
 from ..config import ServerConfig
 from ..core.request import Chunking, EmbedOptions, Input
 from ..models.model_file import read_metadata
-from .engines import LocalEngine, file_sha256
+from ..models.registry import file_sha256
+from .engines import LocalEngine
 from .job import FailFast, JobDir, Progress, ShardWriter, Summary, embedding_array, error_line, output_schema
 from .sources import Failure, Record, Source, load
 

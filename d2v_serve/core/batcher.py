@@ -114,7 +114,8 @@ class Batcher:
         self._post = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"d2v-post-{name}")
         self._warmup: list[list[np.ndarray]] = []
         metrics.gauge_from(metrics.QUEUE_DEPTH.labels(name), self, lambda b: b._admitted)
-        self._up_gauge = metrics.WORKER_UP.labels(name)
+        # read when scraped: after a reload the new batcher of a name owns the gauge, whatever the old one does
+        metrics.gauge_from(metrics.WORKER_UP.labels(name), self, lambda b: b.state == "ready")
 
     # ---- called from the event loop -------------------------------------------------------------------------
 
@@ -185,20 +186,17 @@ class Batcher:
             with self._cond:
                 if self.state == "warming":
                     self.state = "ready"
-            self._up_gauge.set(1)
             self.ready.set_result(None)
             while (batch := self._next_batch()) is not None:
                 self._process(batch)
             with self._cond:
                 self.state = "closed"
-            self._up_gauge.set(0)
         except BaseException as exc:  # noqa: BLE001 - a dead worker must be reported, whatever killed it
             self._die(exc)
 
     def _die(self, exc: BaseException) -> None:
         log.error("model worker died", extra={"model": self.name, "error": f"{type(exc).__name__}: {exc}"},
                   exc_info=exc)
-        self._up_gauge.set(0)
         with self._cond:
             self.state = "dead"
             queued, self._queue = self._queue, []

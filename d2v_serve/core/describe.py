@@ -21,6 +21,8 @@ class ModelInfo:
     file: str
     metadata_json: str  # the model file's d2v metadata without the tokenizer text
     created: int  # the model file's modification time (Unix seconds)
+    file_sha256: str  # of the file as loaded
+    loaded_at: float  # when this server loaded it (Unix seconds)
     max_tokens: int = 0  # text
     max_audio_seconds: float = 0.0  # audio
     sample_rate: int = 0  # audio
@@ -38,6 +40,7 @@ def describe(model: Model) -> ModelInfo:
         precision=meta.precision, representations=[k for k in REPRESENTATIONS if k in model.outputs],
         execution_provider=model.runner.provider, ready=model.ready, file=model.path.name,
         metadata_json=model.public_metadata, created=int(model.path.stat().st_mtime),
+        file_sha256=model.sha256, loaded_at=model.loaded_at,
     )
     if model.chunk is not None:
         info.chunk_window, info.chunk_overlap = model.chunk.window, model.chunk.overlap

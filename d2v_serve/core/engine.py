@@ -116,9 +116,11 @@ class EmbeddingCore:
         deadline = None if timeout is None else stamps.start + timeout
         model_name = "-"  # metric label: a served model's name, never a client's arbitrary string
         error = "CANCELLED"  # until the call ends otherwise
+        model: Model | None = None
         try:
             model = self.model_for(request)
             model_name = model.name
+            model.calls += 1  # a model replaced by a reload retires once its calls are done
             result = await self._embed_with(model, request, deadline, wait, start, stamps)
             error = ""
         except ServeError as exc:
@@ -139,6 +141,8 @@ class EmbeddingCore:
             # the type only: an exception's text can carry object reprs and addresses (the log has it all)
             raise internal(f"internal error ({type(exc).__name__}); the server log has the details") from exc
         finally:
+            if model is not None:
+                model.calls -= 1
             if self.tracing.enabled:
                 stamps.end = time.monotonic()
                 self.tracing.record(method, model_name, stamps, request.trace_context, inputs=len(request.inputs),

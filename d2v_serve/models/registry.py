@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +37,10 @@ class Model:
     max_audio_seconds: float = 0.0  # audio: checked from the header before decoding
     max_image_pixels: int = 0  # image: checked from the header before decoding
     batcher: Batcher | None = field(default=None, repr=False)
+    sha256: str = ""  # of the file as loaded
+    file_stamp: tuple[int, int] = (0, 0)  # its size and mtime (ns) then: a reload skips a file that still has them
+    loaded_at: float = 0.0  # Unix seconds
+    calls: int = 0  # calls in flight on this model (the event loop's count): a replaced model retires at 0
     chunk: ChunkDefaults | None = None  # audio and text: chunking defaults and limit
 
     @property
@@ -112,6 +120,23 @@ class Model:
         return [[make(lengths[0])], [make(lengths[0]) for _ in range(small)], [make(lengths[1])]]
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def start_worker(model: Model, config: ServerConfig,
+                 on_death: Callable[[str, BaseException], None] | None = None) -> concurrent.futures.Future:
+    """Give `model` its batcher and start it (warm-up batches first, unless --no-warmup); the future resolves
+    when it is ready, or raises what the warm-up raised."""
+    model.batcher = Batcher(model.name, model.modality, model.runner, model.policy, model.pad_id, on_death=on_death)
+    return model.batcher.start(model.warmup_batches(config.max_batch_size) if config.warmup else [])
+
+
 def model_files(directory: Path) -> list[Path]:
     """The *.onnx files of a directory, sorted; raises ModelFileError when there are none."""
     if not directory.is_dir():
@@ -167,7 +192,9 @@ def runtime_settings(config: ServerConfig, sessions: int) -> RuntimeSettings:
     return RuntimeSettings(device=config.device, intra_op_threads=threads, gpu_mem_limit_bytes=limit)
 
 
-def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> Model:
+def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings, sha256: str = "") -> Model:
+    """`sha256`: the file's, when the caller has read it already."""
+    stat = path.stat()
     meta = read_metadata(path)
     modality = meta.modality
     try:
@@ -197,7 +224,8 @@ def load_model(path: Path, config: ServerConfig, settings: RuntimeSettings) -> M
     else:
         limits.update(max_image_pixels=config.max_image_pixels)
     policy = batch_policy(config, meta, preprocessing, max_tokens, runner.on_cuda)
-    model = Model(path.stem, path, meta, preprocessing, runner, policy, **limits)
+    model = Model(path.stem, path, meta, preprocessing, runner, policy, **limits, sha256=sha256 or file_sha256(path),
+                  file_stamp=(stat.st_size, stat.st_mtime_ns), loaded_at=time.time())
     if modality == "text":
         model.chunk = text_defaults(max_tokens, config.max_chunked_tokens, config.max_text_chars)
     elif modality == "audio":

@@ -206,4 +206,4 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
         metadata_json=info.metadata_json, max_tokens=info.max_tokens, max_audio_seconds=info.max_audio_seconds,
         image_size=info.image_size, sample_rate=info.sample_rate, chunk_window=info.chunk_window,
         chunk_overlap=info.chunk_overlap, max_chunked_audio_seconds=info.max_chunked_audio_seconds,
-        max_chunked_tokens=info.max_chunked_tokens)
+        max_chunked_tokens=info.max_chunked_tokens, file_sha256=info.file_sha256, loaded_at=info.loaded_at)

@@ -236,7 +236,7 @@ class DescribeModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "modality", "hidden_size", "num_layers", "precision", "representations", "execution_provider", "ready", "max_tokens", "max_audio_seconds", "image_size", "sample_rate", "file", "metadata_json", "chunk_window", "chunk_overlap", "max_chunked_audio_seconds", "max_chunked_tokens")
+    __slots__ = ("name", "modality", "hidden_size", "num_layers", "precision", "representations", "execution_provider", "ready", "max_tokens", "max_audio_seconds", "image_size", "sample_rate", "file", "metadata_json", "chunk_window", "chunk_overlap", "max_chunked_audio_seconds", "max_chunked_tokens", "file_sha256", "loaded_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,8 @@ class ModelInfo(_message.Message):
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKED_AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FILE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     modality: Modality
     hidden_size: int
@@ -273,4 +275,6 @@ class ModelInfo(_message.Message):
     chunk_overlap: float
     max_chunked_audio_seconds: float
     max_chunked_tokens: int
-    def __init__(self, name: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., precision: _Optional[str] = ..., representations: _Optional[_Iterable[_Union[Representation, str]]] = ..., execution_provider: _Optional[str] = ..., ready: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., image_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., file: _Optional[str] = ..., metadata_json: _Optional[str] = ..., chunk_window: _Optional[float] = ..., chunk_overlap: _Optional[float] = ..., max_chunked_audio_seconds: _Optional[float] = ..., max_chunked_tokens: _Optional[int] = ...) -> None: ...
+    file_sha256: str
+    loaded_at: float
+    def __init__(self, name: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., precision: _Optional[str] = ..., representations: _Optional[_Iterable[_Union[Representation, str]]] = ..., execution_provider: _Optional[str] = ..., ready: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_audio_seconds: _Optional[float] = ..., image_size: _Optional[int] = ..., sample_rate: _Optional[int] = ..., file: _Optional[str] = ..., metadata_json: _Optional[str] = ..., chunk_window: _Optional[float] = ..., chunk_overlap: _Optional[float] = ..., max_chunked_audio_seconds: _Optional[float] = ..., max_chunked_tokens: _Optional[int] = ..., file_sha256: _Optional[str] = ..., loaded_at: _Optional[float] = ...) -> None: ...
