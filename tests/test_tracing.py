@@ -170,7 +170,8 @@ def test_real_server_exports_traces_and_sends_timings(tmp_path: Path) -> None:
         request = pb.EmbedRequest(model="demo-text", inputs=[pb.Input(text="one"), pb.Input(text="two words")])
         for _ in range(600):
             try:
-                reply, call = stub.Embed.with_call(request, metadata=(("traceparent", f"00-{TRACE_ID}-{grpc_parent}-01"),))
+                traceparent = (("traceparent", f"00-{TRACE_ID}-{grpc_parent}-01"),)
+                reply, call = stub.Embed.with_call(request, metadata=traceparent)
                 break
             except grpc.RpcError:  # warming up: NOT_SERVING models answer UNAVAILABLE
                 time.sleep(0.1)
