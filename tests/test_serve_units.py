@@ -18,7 +18,7 @@ from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb
 from d2v_serve.client import sniff
 from d2v_serve.config import ServerConfig, parse_config
 from d2v_serve.core.batcher import Batcher, BatchPolicy, Item
-from d2v_serve.core.postprocess import DTYPES, POOLINGS, OutputOptions
+from d2v_serve.core.postprocess import COMPACT, DTYPES, POOLINGS, OutputOptions
 from d2v_serve.errors import ServeError
 from d2v_serve.models.model_file import ModelFileError, ModelFileMeta, read_metadata
 from d2v_serve.transport.tensors import from_tensor, to_tensor
@@ -187,7 +187,7 @@ def test_a_batch_is_pooled_as_each_input_alone() -> None:
     hidden[np.arange(7)[None, :] >= positions[:, None]] = 1e6  # padding never leaks into a result
     for pooling in POOLINGS:
         for normalize in (False, True):
-            for dtype in DTYPES.values():
+            for dtype in (DTYPES["float32"], DTYPES["float16"]):  # compact dtypes: below
                 options = OutputOptions("last_hidden_state", pooling, normalize, dtype)
                 batch = options.finish_batch(hidden, positions)
                 for i, n in enumerate(positions):
@@ -200,6 +200,12 @@ def test_a_batch_is_pooled_as_each_input_alone() -> None:
                         expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
                     np.testing.assert_allclose(alone.astype(np.float64), expected,
                                                atol=1e-5 if dtype == np.float32 else 2e-3)
+    for pooling in ("mean", "cls"):
+        for compact in COMPACT:
+            options = OutputOptions("last_hidden_state", pooling, True, DTYPES[compact], compact)
+            batch = options.finish_batch(hidden, positions)
+            for i, n in enumerate(positions):
+                np.testing.assert_array_equal(batch[i], options(hidden[i, :n]))
 
 
 def test_queue_bound_counts_reserved_inputs() -> None:
