@@ -188,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         check(cfg, need_data=True)
         if resume is None and ckpt_path.exists():
             raise ConfigError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-        announce(cfg)
         init = load_checkpoint(cfg.init) if cfg.init and resume is None else None
         d = distributed.setup(cfg.device)
-        Trainer(cfg, resume=resume, init=init, dist=d).run()
+        trainer = Trainer(cfg, resume=resume, init=init, dist=d)
+        if d.is_main:
+            announce(cfg)  # once the data and the model are known to be usable
+        trainer.run()
     except CollapseError as e:
         code = _fail(str(e), 3, d)
     except (ConfigError, CheckpointError) as e:
