@@ -91,16 +91,16 @@ def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainCon
             raise ConfigError(f"{args.out} holds a {saved['modality']} run; --modality {args.modality} does not match")
         saved["stop_at"] = None  # an invocation setting, not part of the run
         objective, recipe = saved["objective"], saved["recipe"]
+        for key, value in (("objective", objective), ("recipe", recipe)):
+            if requested(layers, key, value) != value:
+                raise ConfigError(f"{key} {requested(layers, key, value)!r} cannot change in a resumed run (it is "
+                                  f"{value!r})")
         cfg = from_dict(merge_layers(saved, layers))
     elif not args.modality:
         raise ConfigError("--modality is required when starting a run")
     else:
         objective, recipe = requested(layers, "objective", "data2vec"), requested(layers, "recipe", None)
         cfg = resolve_config(args.modality, objective, recipe, layers)
-    if cfg.objective != objective:
-        raise ConfigError(f"objective {cfg.objective!r} cannot change in a resumed run (it is {objective!r})")
-    if cfg.recipe != recipe:
-        raise ConfigError(f"recipe {cfg.recipe!r} cannot change in a resumed run (it is {recipe!r})")
     cfg.out = str(args.out) if args.out else None
     if args.no_progress:
         cfg.progress = False

@@ -41,7 +41,7 @@ from .schedules import ema_decay, learning_rate
 
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
-WALL_CLOCK = ("elapsed_s", "samples_per_s", "model_tflops_per_s", "mfu")
+WALL_CLOCK = ("elapsed_s", "samples_per_s", "model_flops_per_s", "mfu")
 _MASK_TAG, _TORCH_TAG = 7, 11  # seed-sequence tags: masks and the dropout generator draw from independent streams
 
 
@@ -255,8 +255,8 @@ class Trainer:
                 metrics["elapsed_s"] = round(elapsed, 3)
                 metrics["samples_per_s"] = round((self.samples - start_samples) / max(elapsed, 1e-9), 2)
                 flops_per_s = self.flops / max(elapsed, 1e-9)
-                metrics["model_tflops_per_s"] = round(flops_per_s / 1e12, 4)
-                metrics["mfu"] = None if self.peak_flops is None else round(flops_per_s / self.peak_flops, 4)
+                metrics["model_flops_per_s"] = float(f"{flops_per_s:.4g}")
+                metrics["mfu"] = None if self.peak_flops is None else float(f"{flops_per_s / self.peak_flops:.4g}")
                 if log is not None and (self.step % cfg.log_every == 0 or self.step == stop):
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
