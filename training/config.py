@@ -182,6 +182,7 @@ class TrainConfig:
     log_every: int = 1
     stop_at: int | None = None  # end this invocation (with a checkpoint) after this update
     progress: bool = True
+    plot: bool = True  # draw curves.png beside metrics.jsonl when the run ends (also after a collapse or Ctrl-C)
     peak_tflops: float | None = None  # the device's peak for MFU; None: known GPUs only (training/flops.py)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

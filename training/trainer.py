@@ -275,7 +275,8 @@ class Trainer:
             if log is not None:
                 log.close()
             self.close()
-            self.plot()  # also after a collapse or an interrupt: that is when the curves matter most
+            if cfg.plot:
+                self.plot()  # also after a collapse or an interrupt: that is when the curves matter most
         digests = distributed.all_gather_objects(self.param_digest(), d)
         summary = {"event": "end", "step": self.step, "param_digests": digests,
                    "ranks_in_sync": len(set(digests)) == 1, "last": metrics}
