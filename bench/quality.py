@@ -1,8 +1,8 @@
 """Does pretraining learn? Build three small labelled sets offline, pretrain `tiny` on each unlabelled train split,
 and probe the pretrained encoder beside its initial weights (d2v-eval) and beside simple hand-made features.
 
-    .venv/bin/python bench/quality.py --out runs/quality                  # all three modalities, docs/quality.md's runs
-    .venv/bin/python bench/quality.py --out runs/quality --modality text --steps 3000 --set lr=1e-3
+    .venv/bin/python -m bench.quality --out runs/quality                  # all three modalities, docs/quality.md's runs
+    .venv/bin/python -m bench.quality --out runs/quality --modality text --steps 3000 --set lr=1e-3
 
 The data are made here, never downloaded:
 - image: scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes), upscaled to 64x64 PNGs;
@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from d2v.training.evaluate import evaluate  # noqa: E402
 
