@@ -21,8 +21,7 @@ from ..config import BlockMaskConfig, SpanMaskConfig, TokenMaskConfig, TrainConf
 from ..masking import BatchMasker, TokenMasking
 from ..models import EncoderConfig
 from .loss import LossSpec, StepOutput, document_inputs, regression_head, regression_loss, spread
-from .optim import adamw
-from .teacher import EMATeacher, TeacherSpec
+from .teacher import StudentTeacher, TeacherSpec
 
 AUDIO_TEACHER = {"drop": ["feature_extractor", "feature_projection", "mask_embedding"],
                  "reads_student_features": True, "mask_param": "mask_embedding"}
@@ -98,16 +97,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {"short": {
 }}
 
 
-class Data2Vec(nn.Module):
+class Data2Vec(StudentTeacher):
     predictor = "head"  # the training-only module that maps student outputs to targets (its checkpoint key)
 
     def __init__(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec, head: nn.Module | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.cfg = student.cfg
-        self.spec = teacher
-        self.loss_spec = loss
-        self.teacher = EMATeacher(student, teacher)
+        super().__init__(student, teacher, loss)
         self.head = head if head is not None else regression_head(self.cfg.hidden_size, loss.head_layers)
 
     @classmethod
@@ -126,10 +120,6 @@ class Data2Vec(nn.Module):
         tokens = TokenMasking(preprocessing.mask_id, enc.vocab_size, specials, m.mask_prob, m.leave_unmasked_prob,
                               m.random_token_prob, m.mask_span)
         return BatchMasker(cfg.modality, options, text=tokens)
-
-    def configure_optimizer(self, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-        faster = self.student.token_embed.weight if cfg.optimizer.embed_lr_scale != 1.0 else None
-        return adamw(self, cfg.optimizer, device_type, faster)
 
     def forward(self, inputs: dict[str, Tensor], mask: Tensor,
                 student_inputs: dict[str, Tensor] | None = None) -> StepOutput:
@@ -156,17 +146,6 @@ class Data2Vec(nn.Module):
         mean of the student's outputs at its item's visible positions, the same row for every masked position of
         the item, so the pooled vector itself must say what the masked parts hold (the short text recipe)."""
         return h[mask] if self.loss_spec.head_input == "position" else document_inputs(h, mask, valid)
-
-    @torch.no_grad()
-    def update_teacher(self, decay: float) -> None:
-        self.teacher.update(self.student, decay)
-
-    def training_state(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.model.state_dict(), self.predictor: self.head.state_dict()}
-
-    def load_training_state(self, training: dict[str, Any]) -> None:
-        self.teacher.model.load_state_dict(training["teacher"])
-        self.head.load_state_dict(training[self.predictor])
 
 
 def teacher_spec(cfg: TrainConfig) -> TeacherSpec:

@@ -28,8 +28,7 @@ from ..models import EncoderConfig
 from ..models.gather import scatter_positions
 from .data2vec import AUDIO_TEACHER, TEXT_EMBEDDINGS, loss_spec, teacher_spec
 from .loss import LossSpec, StepOutput, regression_head, regression_loss, spread
-from .optim import adamw
-from .teacher import EMATeacher, TeacherSpec
+from .teacher import StudentTeacher, TeacherSpec
 
 # fairseq examples/data2vec/config/v2/base_{audio,images,text}_only_task.yaml and the data2vec_multi defaults they
 # leave alone (docs/objectives.md). The decoder width scales with the model: decoder.dim None = the reference width x
@@ -163,17 +162,12 @@ class ConvDecoder(nn.Module):
         return self.proj(self.features(x, valid))
 
 
-class Data2Vec2(nn.Module):
+class Data2Vec2(StudentTeacher):
     predictor = "decoder"  # the training-only module that maps student outputs to targets (its checkpoint key)
 
     def __init__(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec, decoder: DecoderSpec,
                  num_masks: int, cls_loss: float = 0.0) -> None:
-        super().__init__()
-        self.student = student
-        self.cfg = student.cfg
-        self.spec = teacher
-        self.loss_spec = loss
-        self.teacher = EMATeacher(student, teacher)
+        super().__init__(student, teacher, loss)
         self.head = ConvDecoder(student.cfg.hidden_size, decoder, student.cfg.modality == "image")
         self.decoder_spec = decoder
         self.num_masks = int(num_masks)
@@ -194,10 +188,6 @@ class Data2Vec2(nn.Module):
     def masker(cfg: TrainConfig, enc: EncoderConfig, preprocessing: Any) -> MultiMasker:
         return MultiMasker(cfg.modality, dataclasses.asdict(cfg.masking), conv_layers=enc.conv_layers,
                            grid=enc.grid_size)
-
-    def configure_optimizer(self, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-        faster = self.student.token_embed.weight if cfg.optimizer.embed_lr_scale != 1.0 else None
-        return adamw(self, cfg.optimizer, device_type, faster)
 
     def forward(self, inputs: dict[str, Tensor], mask: Tensor, keep: Tensor) -> StepOutput:  # type: ignore[override]
         """`inputs`: the clean batch of B items. `mask` bool [B*M, T]: what row b*M + j predicts (mask j of item b).
@@ -240,17 +230,6 @@ class Data2Vec2(nn.Module):
         seen = torch.ones_like(keep, dtype=visible.dtype) if valid is None else valid.gather(1, keep).to(visible.dtype)
         pooled = (visible * seen.unsqueeze(-1)).sum(1) / seen.sum(1, keepdim=True).clamp_min(1)
         return self.head(pooled.unsqueeze(1))[:, 0]
-
-    @torch.no_grad()
-    def update_teacher(self, decay: float) -> None:
-        self.teacher.update(self.student, decay)
-
-    def training_state(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.model.state_dict(), self.predictor: self.head.state_dict()}
-
-    def load_training_state(self, training: dict[str, Any]) -> None:
-        self.teacher.model.load_state_dict(training["teacher"])
-        self.head.load_state_dict(training[self.predictor])
 
 
 Objective = Data2Vec2

@@ -1,4 +1,4 @@
-"""The EMA teacher and its targets, shared by both objectives.
+"""The EMA teacher and its targets, shared by both objectives, and the student-teacher base they build on.
 
 The teacher is a frozen fp32 copy of (part of) the student, always in eval mode, moved towards the student after
 every optimizer step: theta_t = tau * theta_t + (1 - tau) * theta_s. Parameters named by `copy` are shared (copied
@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..targets import target_representation
+from .optim import adamw
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -82,3 +87,37 @@ class EMATeacher(nn.Module):
         for name, b in self.model.named_buffers():
             if name in student_buffers:
                 b.copy_(student_buffers[name])
+
+
+class StudentTeacher(nn.Module):
+    """What both objectives hold: the student, its EMA teacher and a training-only predictor (`head`: data2vec's
+    regression head, data2vec2's decoder), saved under the checkpoint key `predictor`. Each objective adds its own
+    `forward`, `from_config` and `masker`."""
+
+    predictor = "head"
+    head: nn.Module
+
+    def __init__(self, student: nn.Module, teacher: TeacherSpec, loss: Any) -> None:
+        super().__init__()
+        self.student = student
+        self.cfg = student.cfg
+        self.spec = teacher
+        self.loss_spec = loss
+        self.teacher = EMATeacher(student, teacher)
+
+    def configure_optimizer(self, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (objectives/optim.py); the text token embeddings in a group of their
+        own when `optimizer.embed_lr_scale` is not 1."""
+        faster = self.student.token_embed.weight if cfg.optimizer.embed_lr_scale != 1.0 else None
+        return adamw(self, cfg.optimizer, device_type, faster)
+
+    @torch.no_grad()
+    def update_teacher(self, decay: float) -> None:
+        self.teacher.update(self.student, decay)
+
+    def training_state(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.model.state_dict(), self.predictor: self.head.state_dict()}
+
+    def load_training_state(self, training: dict[str, Any]) -> None:
+        self.teacher.model.load_state_dict(training["teacher"])
+        self.head.load_state_dict(training[self.predictor])
