@@ -19,5 +19,5 @@ def assert_close_at_scale(got: torch.Tensor, expected: torch.Tensor, rel: float 
     """|got - expected| <= rel x max(1, max |expected|) everywhere."""
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     atol = scaled_atol(expected, rel)
-    diff = float((got - expected).abs().max()) if got.numel() else 0.0
+    diff = float((got - expected).detach().abs().max()) if got.numel() else 0.0
     assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol:.3g} ({rel:g} x the largest magnitude)"

@@ -436,10 +436,12 @@ def check(cfg: TrainConfig, need_data: bool = False) -> None:
         raise ConfigError("decoder.* configures data2vec2's decoder: --objective data2vec has none")
     from .models import EncoderConfig
 
+    hints = typing.get_type_hints(EncoderConfig)
     known = {f.name for f in dataclasses.fields(EncoderConfig)} - {"modality"}
-    for key in cfg.model:
+    for key, value in cfg.model.items():
         if key not in known:
             raise ConfigError(f"unknown config key 'model.{key}'{_suggest(key, dict.fromkeys(known))}")
+        cfg.model[key] = _value(hints[key], value, f"model.{key}")
     if cfg.decoder is not None and cfg.decoder.layers < 0:
         raise ConfigError(f"decoder.layers must be a non-negative integer, got {cfg.decoder.layers!r}")
     if cfg.decoder is not None and cfg.decoder.layers == 0 and cfg.loss.head_input != "document":
