@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench import engines, report  # noqa: E402
 from bench.workloads import WORKLOADS, Workload, parse_workloads  # noqa: E402

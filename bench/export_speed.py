@@ -1,6 +1,6 @@
 """Export a random-weight preset model to fp32 and int8 and time ONNX Runtime (CPU) against torch eager.
 
-    .venv/bin/python bench/export_speed.py --modality audio --preset base --batch 8 --length 80000
+    .venv/bin/python -m bench.export_speed --modality audio --preset base --batch 8 --length 80000
 
 Prints the export reports' figures (time, size, max diff, cosine) and the median latency per run of one batch.
 `--length`: samples (audio) or tokens (text); images use the model's size.
@@ -16,8 +16,6 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engines import batch_inputs, median_seconds  # noqa: E402
 from bench.models import write_checkpoint  # noqa: E402

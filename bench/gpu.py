@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_number, markdown_table, met_label  # noqa: E402
 from bench.stats import ratio  # noqa: E402

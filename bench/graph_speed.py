@@ -1,7 +1,7 @@
 """ONNX Runtime (CPU) on d2v-export's fused graph against torch eager, at equal threads, in one interleaved run.
 
-    .venv/bin/python bench/graph_speed.py --modality text --batch 32 --length 128 --threads 1 2
-    .venv/bin/python bench/graph_speed.py --modality audio --batch 8 --length 80000 --threads 1 2
+    .venv/bin/python -m bench.graph_speed --modality text --batch 32 --length 128 --threads 1 2
+    .venv/bin/python -m bench.graph_speed --modality audio --batch 8 --length 80000 --threads 1 2
 
 Exports a random-weight preset model (fp32, int8, and with --unfused the plain graph too), then times one batch
 per engine per round, engines interleaved within each round, and keeps the best of --repeat rounds (a shared,
@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models import write_checkpoint  # noqa: E402
 from d2v.export import export_model  # noqa: E402

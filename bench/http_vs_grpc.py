@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.server import D2vServer, run_loadgen  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402

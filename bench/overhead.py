@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench import engines  # noqa: E402
 from bench.workloads import WORKLOADS, parse_workloads  # noqa: E402

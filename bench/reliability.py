@@ -1,7 +1,7 @@
 """Reliability figures of the real `d2v-serve` with the demo models, attacked from outside its process (not a test).
 
-    .venv/bin/python bench/reliability.py                  # all sections, ~5 min; JSON on stdout
-    .venv/bin/python bench/reliability.py --sections bombs,soak --soak-requests 2000
+    .venv/bin/python -m bench.reliability                  # all sections, ~5 min; JSON on stdout
+    .venv/bin/python -m bench.reliability --sections bombs,soak --soak-requests 2000
 
 Sections (docs/reliability.md holds the figures and what each limit is for):
 - bombs: each hostile input of the issue (tests/hostile.py, at full size) sent --repeat times: its status, the time
@@ -37,7 +37,6 @@ import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from d2v_serve._proto.d2v.v1 import embedder_pb2 as pb  # noqa: E402
 from d2v_serve._proto.d2v.v1 import embedder_pb2_grpc as pb_grpc  # noqa: E402

@@ -1,10 +1,10 @@
 """Training throughput (samples/s) of d2v-train's update step, per modality and preset, as a markdown table.
 
-    .venv/bin/python bench/train_throughput.py                                  # tiny + small, all modalities
-    .venv/bin/python bench/train_throughput.py --presets base --device cuda --batch-size 16
-    OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py --modalities audio --presets tiny --batch-size 0 \
+    .venv/bin/python -m bench.train_throughput                                  # tiny + small, all modalities
+    .venv/bin/python -m bench.train_throughput --presets base --device cuda --batch-size 16
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_throughput --modalities audio --presets tiny --batch-size 0 \
         --objective data2vec2 --front-end       # the objective's own batch; the conv front end's share of an update
-    .venv/bin/python bench/train_throughput.py --modalities audio --conv1d-front-end   # the front end as Conv1d
+    .venv/bin/python -m bench.train_throughput --modalities audio --conv1d-front-end   # the front end as Conv1d
 
 Data is synthetic and made here (tones, drawn shapes, sentences), decoded by the real data pipeline. Each cell
 builds a Trainer, runs `--warmup` updates, then times `--steps` updates (forward, backward, optimizer, EMA,
@@ -28,7 +28,7 @@ import soundfile as sf
 import torch
 from PIL import Image, ImageDraw
 
-from d2v.training.defaults import defaults, set_path
+from d2v.training.config import resolve_config, set_assignment
 from d2v.training.models.audio import AudioEncoder
 from d2v.training.trainer import Trainer
 
@@ -85,17 +85,16 @@ def front_end_share(trainer: Trainer, steps: int) -> float:
 
 
 def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, out: Path) -> dict[str, object]:
-    cfg = defaults(modality, args.objective)
     sets = [f"preset={preset}", f"data.path={data}", f"steps={args.warmup + args.steps}", f"out={out}",
-            f"device={args.device}", "progress=false", "data.bucket_batches=0", f"lr={cfg['lr']}"]
+            f"device={args.device}", "progress=false", "data.bucket_batches=0"]
     if args.batch_size:
         sets.append(f"batch_size={args.batch_size}")
     if modality == "audio":
         sets.append(f"data.max_samples={int(args.audio_seconds * 16000)}")
     if modality == "text":
         sets += [f"data.text_max_length={args.text_tokens}", "data.vocab_size=2048"]
-    for s in sets:
-        set_path(cfg, s)
+    recipe = None if args.recipe == "reference" else args.recipe
+    cfg = resolve_config(modality, args.objective, recipe, [set_assignment(s) for s in sets])
     trainer = Trainer(cfg)
     for _ in range(args.warmup):
         trainer.train_step()
@@ -109,7 +108,7 @@ def measure(modality: str, preset: str, data: Path, args: argparse.Namespace, ou
             "text": f"{args.text_tokens} tok"}[modality]
     precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"
     row = {"modality": modality, "objective": args.objective, "preset": preset, "params": f"{params / 1e6:.1f}M",
-           "batch": cfg["batch_size"], "item": item, "device": str(trainer.device), "precision": precision,
+           "batch": cfg.batch_size, "item": item, "device": str(trainer.device), "precision": precision,
            "samples/s": f"{n / (per_update * args.steps):.1f}", "s/update": f"{per_update:.3f}"}
     if args.front_end:
         row["front end"] = "—" if share is None else f"{share:.0%}"
@@ -127,6 +126,8 @@ def main() -> int:
     p.add_argument("--audio-seconds", type=float, default=2.0)
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--objective", default="data2vec", choices=["data2vec", "data2vec2"])
+    p.add_argument("--recipe", default="short", choices=["short", "reference"],
+                   help="the config timed: the short recipe (default) or the reference defaults")
     p.add_argument("--front-end", action="store_true", help="audio: the conv front end's share of an update")
     p.add_argument("--conv1d-front-end", action="store_true",
                    help="audio: train the front end as Conv1d blocks, as d2v-train did before it trained the MatMul "

@@ -1,7 +1,7 @@
 """d2v against infinity-emb on the same random base text model, driven by the same load generator.
 
-    .venv/bin/python bench/vs_infinity.py                       # c32, text-12 and text-128, every engine
-    .venv/bin/python bench/vs_infinity.py --concurrency 1,32 --duration 20 --engines torch,optimum
+    .venv/bin/python -m bench.vs_infinity                       # c32, text-12 and text-128, every engine
+    .venv/bin/python -m bench.vs_infinity --concurrency 1,32 --duration 20 --engines torch,optimum
 
 1. Makes infinity-emb's own venv (runs/infinity-venv: `pip install infinity-emb[server,torch,optimum]` with
    `torch==2.13.0` in the same command, so no CUDA build is pulled) unless it exists.
@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench.report import markdown_table  # noqa: E402
 from bench.server import D2vServer, free_port, rss_mb, run_loadgen  # noqa: E402

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps or STEPS[modality]
         # relative paths: the checkpoint records them, and it should not depend on where the work folder is
         run([str(bin_dir / "d2v-train"), "--modality", modality, "--data", str(data.relative_to(work)),
-             "--preset", "tiny", "--steps", str(steps), "--out", run_dir.name, "--seed", "0", "--no-progress"], work)
+             "--preset", "tiny", "--recipe", "short", "--steps", str(steps), "--out", run_dir.name, "--seed", "0",
+             "--no-progress"], work)
         out.mkdir(parents=True, exist_ok=True)
         onnx = out / f"demo-{modality}.onnx"
         run([str(bin_dir / "d2v-export"), str(run_dir / "ckpt.pt"), "-o", str(onnx)], work)

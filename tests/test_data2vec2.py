@@ -3,6 +3,7 @@ resume, DDP, and that export sees the encoder alone. Small random models; no tim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,13 +20,12 @@ from onnx import numpy_helper
 
 from d2v.training.checkpoint import load_checkpoint, load_encoder
 from d2v.training.cli import main
-from d2v.training.defaults import defaults, resolve_derived
+from d2v.training.config import resolve_config, resolve_derived
 from d2v.training.masking import MultiMasker, exact_block_mask, inverse_block_mask, visible_positions
 from d2v.training.models import EncoderConfig, build_encoder
 from d2v.training.models.gather import gather_positions, scatter_positions
 from d2v.training.models.init import init_weights
-from d2v.training.objective import LossSpec, TeacherSpec
-from d2v.training.objective2 import Data2Vec2, DecoderSpec
+from d2v.training.objectives.data2vec2 import Data2Vec2
 from d2v.training.targets import target_representation
 from tests.test_train import (
     SETS,
@@ -43,26 +43,29 @@ EXTRA = {"audio": dict(conv_layers=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2
          "image": dict(image_size=32, patch_size=8), "text": dict(vocab_size=60, max_positions=40)}
 
 
+# audio and image: the short recipe (tuned for tiny runs); text: the reference (its short recipe has no decoder convs)
+TESTED_RECIPE = {"audio": "short", "image": "short", "text": None}
+
+
 def make_objective(modality: str, num_masks: int = 3, noise: float = 0.01, seed: int = 0,
                    cls_loss: float | None = None, head_input: str = "position",
                    decoder_layers: int | None = None) -> Data2Vec2:
-    """The trainer's construction, from the data2vec2 defaults table, on a small random encoder."""
-    cfg = defaults(modality, "data2vec2")
+    """The trainer's construction on a small random encoder, with the values these tests were written against."""
+    cfg = resolve_config(modality, "data2vec2", TESTED_RECIPE[modality])
     if cls_loss is not None:
-        cfg["cls_loss"] = cls_loss
+        cfg.loss.cls_loss = cls_loss
     if decoder_layers is not None:
-        cfg["decoder"]["layers"] = decoder_layers
-    cfg["steps"] = 10
+        cfg.decoder.layers = decoder_layers
+    cfg.steps, cfg.decoder.mask_noise_std, cfg.masking.num_masks, cfg.loss.head_input = 10, noise, num_masks, head_input
     resolve_derived(cfg, SMALL["hidden_size"], 16)
     torch.manual_seed(seed)
-    model = {k: v for k, v in cfg["model"].items() if k != "layerdrop"}
-    enc = EncoderConfig.preset(modality, "tiny", cfg["target_layers_of_12"], **SMALL, **EXTRA[modality], **model)
-    student = init_weights(build_encoder(enc))
-    t = cfg["teacher"]
-    teacher = TeacherSpec(tuple(t["drop"]), tuple(t["copy"]), t["reads_student_features"], t["mask_param"])
-    loss = LossSpec(cfg["loss_beta"], cfg["loss_scale"], cfg["loss_reduce"], cfg["head_layers"], head_input)
-    decoder = DecoderSpec(**{**cfg["decoder"], "mask_noise_std": noise}, head_layers=cfg["head_layers"])
-    return Data2Vec2(student, teacher, loss, decoder, num_masks, cfg["cls_loss"])
+    model = {k: v for k, v in cfg.model.items() if k != "layerdrop"}
+    enc = EncoderConfig.preset(modality, "tiny", cfg.teacher.target_layers_of_12, **SMALL, **EXTRA[modality], **model)
+    return Data2Vec2.from_config(init_weights(build_encoder(enc)), cfg)
+
+
+def short_masking(modality: str) -> dict:
+    return dataclasses.asdict(resolve_config(modality, "data2vec2", TESTED_RECIPE[modality]).masking)
 
 
 def make_batch(modality: str, masker_options: dict, num_masks: int, seed: int = 0) -> dict:
@@ -201,13 +204,13 @@ def test_image_inverse_blocks_keep_exact_clustered_patches():
 
 
 def test_tiny_image_defaults_scale_the_kept_patches_and_decoder_width():
-    cfg = defaults("image", "data2vec2")
-    cfg["steps"] = 10
-    resolve_derived(cfg, 64, 64)
-    assert cfg["masking"]["keep_patches"] == round(39 / 196 * 64) and cfg["decoder"]["dim"] == 64
-    audio = resolve_derived({**defaults("audio", "data2vec2"), "steps": 10}, 384, None)
-    assert audio["decoder"]["dim"] == 192 and audio["masking"]["num_masks"] == 8 and audio["batch_size"] == 2
-    assert cfg["masking"]["num_masks"] == 4 and cfg["cls_loss"] == 0.0  # tuned for short tiny runs (defaults.py)
+    cfg = resolve_derived(resolve_config("image", "data2vec2", layers=[{"steps": 10}]), 64, 64)
+    assert cfg.masking.keep_patches == round(39 / 196 * 64) and cfg.decoder.dim == 64
+    assert cfg.masking.num_masks == 16 and cfg.loss.cls_loss == 0.01  # the reference
+    audio = resolve_derived(resolve_config("audio", "data2vec2", "short", [{"steps": 10}]), 384, None)
+    assert audio.decoder.dim == 192 and audio.masking.num_masks == 8 and audio.batch_size == 2
+    short = resolve_config("image", "data2vec2", "short")
+    assert short.masking.num_masks == 4 and short.loss.cls_loss == 0.0  # tuned for short tiny runs
 
 
 # ------------------------------------------------------------------------------------------------ the objective
@@ -220,7 +223,7 @@ def test_decoder_shapes_per_modality(modality):
     first = obj.head.convs[0]
     assert len(obj.head.convs) == {"audio": 2, "image": 6, "text": 5}[modality]  # audio: 2 tuned (reference 4)
     assert isinstance(first, torch.nn.Conv2d if modality == "image" else torch.nn.Conv1d)
-    assert first.kernel_size[0] == {"audio": 5, "image": 3, "text": 9}[modality]  # audio: 5 tuned (defaults.py)
+    assert first.kernel_size[0] == {"audio": 5, "image": 3, "text": 9}[modality]  # audio: 5 tuned (short recipe)
     assert spec.dim == {"audio": 16, "image": 32, "text": 32}[modality]  # reference width x hidden / 768
     x = torch.randn(3, 16, 32)
     assert obj.head(x).shape == (3, 16, 32)
@@ -239,8 +242,7 @@ def test_teacher_runs_once_per_item_and_its_targets_serve_every_mask(modality):
     m = 3
     # image: the reference's CLS weight (the defaults leave the term out), so that the loop checks it too
     obj = make_objective(modality, num_masks=m, noise=0.0, cls_loss=0.01 if modality == "image" else None).eval()
-    cfg = defaults(modality, "data2vec2")
-    batch = make_batch(modality, cfg["masking"], m)
+    batch = make_batch(modality, short_masking(modality), m)
     calls = {"teacher": [], "student": []}
     obj.teacher.model.transformer.register_forward_hook(lambda mod, a, o: calls["teacher"].append(a[0].shape[0]))
     obj.student.transformer.register_forward_hook(lambda mod, a, o: calls["student"].append(a[0].shape[0]))
@@ -279,7 +281,7 @@ def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(m
                          decoder_layers=decoder_layers).eval()
     if decoder_layers == 0:
         assert len(obj.head.convs) == 0
-    batch = make_batch(modality, defaults(modality, "data2vec2")["masking"], m)
+    batch = make_batch(modality, short_masking(modality), m)
     out = obj(**batch)
     with torch.no_grad():
         mask, keep, inputs = batch["mask"], batch["keep"], batch["inputs"]
@@ -301,7 +303,7 @@ def test_document_head_input_predicts_every_masked_position_from_the_rows_mean(m
 
 def test_gradients_reach_student_and_decoder_and_the_mask_embedding_is_frozen():
     obj = make_objective("audio").train()
-    batch = make_batch("audio", defaults("audio", "data2vec2")["masking"], 3)
+    batch = make_batch("audio", short_masking("audio"), 3)
     obj(**batch).loss.backward()
     assert all(p.grad is None for p in obj.teacher.parameters())
     assert not obj.student.mask_embedding.requires_grad  # never shown to the student: no gradient, DDP-safe
@@ -312,7 +314,7 @@ def test_gradients_reach_student_and_decoder_and_the_mask_embedding_is_frozen():
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_bf16_autocast_trains_and_the_teacher_stays_fp32(modality):
     obj = make_objective(modality, num_masks=2).train()
-    batch = make_batch(modality, defaults(modality, "data2vec2")["masking"], 2)
+    batch = make_batch(modality, short_masking(modality), 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = obj(**batch)
     out.loss.backward()

@@ -9,13 +9,13 @@ import torch
 from d2v.training.checkpoint import load_encoder
 from d2v.training.import_hf import import_hf
 from tests.hf_models import hf_audio, hf_image, hf_text
+from tests.tolerance import assert_close_at_scale
 
 TOL = 1e-5
 
 
 def _assert_close_valid(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    diff = (ours - theirs).abs().max().item()
-    assert diff <= TOL, f"{what}: max abs diff {diff:.3g} > {TOL}"
+    assert_close_at_scale(ours, theirs, TOL, what)  # pre-LN residual streams grow: the tolerance grows with them
 
 
 def _compare_items(our_out, hf_outs, lengths) -> None:
@@ -209,7 +209,7 @@ def test_audio_channels_last_front_end_computes_the_conv1d_front_end(conv_bias):
             finally:
                 encoder.channels_last_front_end = False
         assert matmul.shape == eager.shape
-        torch.testing.assert_close(matmul, eager, atol=1e-5, rtol=1e-5)
+        assert_close_at_scale(matmul, eager, 1e-5, f"length {length}")
 
 
 def test_audio_front_end_trains_channels_last_with_conv1d_gradients(monkeypatch):
@@ -231,7 +231,9 @@ def test_audio_front_end_trains_channels_last_with_conv1d_gradients(monkeypatch)
     monkeypatch.setattr(ConvBlock, "forward", conv1d_used)
     trained = encoder.conv_features(wave)
     got = torch.autograd.grad(trained.square().sum(), weights)
-    torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    assert_close_at_scale(trained, reference, 1e-5, "features")
+    # each weight-gradient element sums ~12k float32 products: rounding is relative to the gradient's magnitude
+    # (seen: 2e-6 of the largest element; 1.7e-4 absolute once tripped a fixed 1e-4)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert_close_at_scale(g, e, 2e-5, f"gradient {i}")
 

@@ -17,7 +17,7 @@ from d2v.eval.cli import main as eval_main
 from d2v.eval.probe import EvalError, linear_probe, read_labelled
 from d2v.training.checkpoint import encoder_config, initial_encoder, load_checkpoint
 from d2v.training.cli import main as train_main
-from d2v.training.defaults import defaults, resolve_derived
+from d2v.training.config import resolve_config, resolve_derived
 from d2v_serve.core.postprocess import output_options
 from d2v_serve.core.request import EmbedOptions
 from d2v_serve.errors import ServeError
@@ -173,12 +173,9 @@ def test_audio_target_pooling_is_refused_in_one_line():
 
 @pytest.mark.parametrize("steps, after", [(0, 100), (500, 100), (2000, 200), (30000, 3000), (100000, 5000)])
 def test_the_guard_starts_at_10_percent_of_short_runs(steps, after):
-    cfg = defaults("image")
-    cfg["steps"] = steps
-    assert resolve_derived(cfg, 64, 64)["guard"]["after"] == after
-    cfg = defaults("image") | {"steps": steps}
-    cfg["guard"]["after"] = 7  # an explicit value stays
-    assert resolve_derived(cfg, 64, 64)["guard"]["after"] == 7
+    assert resolve_derived(resolve_config("image", layers=[{"steps": steps}]), 64, 64).guard.after == after
+    cfg = resolve_config("image", layers=[{"steps": steps, "guard": {"after": 7}}])  # an explicit value stays
+    assert resolve_derived(cfg, 64, 64).guard.after == 7
 
 
 def test_eval_errors_are_one_line(tmp_path, text_data, capsys):

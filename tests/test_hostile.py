@@ -322,15 +322,15 @@ def test_calls_cut_by_shutdown_end_unavailable() -> None:
 
 
 def test_reliability_bench_smoke() -> None:
-    """bench/reliability.py against the real d2v-serve, in miniature: statuses only (its timings live in
+    """`python -m bench.reliability` against the real d2v-serve, in miniature: statuses only (its timings live in
     docs/reliability.md)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "reliability.py"
-    result = subprocess.run([sys.executable, str(script), "--sections", "bombs,soak,sigterm", "--repeat", "1",
-                             "--soak-requests", "40"], capture_output=True, text=True, timeout=600)
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "bench.reliability", "--sections", "bombs,soak,sigterm", "--repeat",
+                             "1", "--soak-requests", "40"], capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout)
     assert len(figures["bombs"]) == 7 and all(row["status"] == {"INVALID_ARGUMENT": 1} for row in figures["bombs"])

@@ -20,17 +20,20 @@ from PIL import Image, ImageDraw
 
 from d2v.training.checkpoint import load_checkpoint, load_encoder
 from d2v.training.cli import main
-from d2v.training.defaults import defaults, set_path
+from d2v.training.config import from_dict, resolve_config, set_assignment
 from d2v.training.trainer import CollapseError, Trainer
 from tests.factories import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CUT = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.ffn_size=64", "model.target_layers=2"]
 SMALL_CONV = "model.conv_layers=" + json.dumps([[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2)
+# Tiny runs of a few hundred updates: audio and image train with the short recipe (the values these tests were
+# calibrated with), text with the reference but warmed up over 1 % of the run (the reference's 10k updates would
+# leave it in warmup throughout).
 SETS = {
-    "audio": CUT + [SMALL_CONV, "data.max_samples=16000"],
-    "image": CUT,
-    "text": CUT + ["data.vocab_size=400"],
+    "audio": CUT + [SMALL_CONV, "data.max_samples=16000", "recipe=short"],
+    "image": CUT + ["recipe=short"],
+    "text": CUT + ["data.vocab_size=400", "schedule.warmup_steps=null"],
 }
 SUBJECTS = ["the cat", "a dog", "my teacher", "the student", "a small bird", "the old man", "our model", "the river",
             "a child", "the engineer", "every farmer", "the quiet girl"]
@@ -214,11 +217,9 @@ def test_collapse_guard_stops_with_one_line(tmp_path, data, capsys):
 
 
 def test_collapse_guard_fires_on_a_collapsed_teacher(tmp_path, data):
-    cfg = defaults("text")
-    for s in SETS["text"] + [f"data.path={data['text']}", "steps=5", f"out={tmp_path}", "guard.after=0",
-                             "progress=false", "batch_size=4", "data.num_workers=0"]:
-        set_path(cfg, s)
-    trainer = Trainer(cfg)
+    sets = SETS["text"] + [f"data.path={data['text']}", "steps=5", f"out={tmp_path}", "guard.after=0",
+                           "progress=false", "batch_size=4", "data.num_workers=0"]
+    trainer = Trainer(resolve_config("text", layers=[set_assignment(s) for s in sets]))
     with torch.no_grad():
         for p in trainer.objective.teacher.model.parameters():
             p.zero_()  # every target the same: nothing left to learn but a constant
@@ -249,7 +250,7 @@ def test_config_layers_and_errors(tmp_path, data, capsys):
     assert main(base + ["--config", str(conf), "--batch-size", "5", "--set", "masking.mask_length=4",
                         "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["lr"] == 0.01 and cfg["batch_size"] == 5  # file < flags
+    assert cfg["optimizer"]["lr"] == 0.01 and cfg["batch_size"] == 5  # file < flags (the file's old flat `lr`)
     assert cfg["masking"] == {"mask_prob": 0.5, "mask_length": 4, "min_masks": 2, "require_same_masks": True}
     assert cfg["teacher"]["drop"] == ["feature_extractor", "feature_projection", "mask_embedding"]
     assert main(base + ["--set", "masking.mask_prb=0.5"]) == 2
@@ -257,33 +258,59 @@ def test_config_layers_and_errors(tmp_path, data, capsys):
     assert len(err) == 1 and "did you mean 'mask_prob'" in err[0]
     assert main(base + ["--set", "lr=fast"]) == 2
     assert main(["--data", "x", "--steps", "1", "--out", str(tmp_path / "none")]) == 2  # no modality, no resume
+    capsys.readouterr()
+    for bad in (["--set", "optimizer.betas=[0.9]"], ["--set", "decoder.kernel=7"], ["--set", "model.hiden_size=8"],
+                ["--set", "schedule.name=linear"], ["--set", "ema.decay=slow"]):
+        assert main(base + bad) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("d2v-train: error: "), (bad, err)
+
+
+def test_print_config_needs_neither_data_nor_out(capsys):
+    assert main(["--modality", "image", "--objective", "data2vec2", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    cfg = json.loads(captured.out)
+    assert cfg["recipe"] is None and cfg["optimizer"]["lr"] == 1e-3 and cfg["masking"]["num_masks"] == 16
+    assert main(["--modality", "image", "--recipe", "short", "--preset", "base", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] == "base"
+
+
+def test_short_recipe_warns_at_base_and_past_50k_updates(tmp_path, data, capsys):
+    base = ["--modality", "text", "--data", str(data["text"]), "--recipe", "short", "--steps", "0", "--no-progress",
+            *(a for s in SETS["text"] for a in ("--set", s))]
+    assert main(base + ["--out", str(tmp_path / "w")]) == 0
+    err = capsys.readouterr().err
+    assert "d2v-train: recipe: 'short' for data2vec text" in err and "warning" not in err
+    assert main(base + ["--out", str(tmp_path / "w2"), "--preset", "base", "--set", "steps=60000", "--set",
+                        "stop_at=1"]) == 0  # the cut model: one cheap update
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "preset base" in warnings[0] and "past 50000" in warnings[1]
 
 
 def test_short_recipe_is_a_layer_of_the_config(tmp_path, data, capsys):
     base = ["--modality", "text", "--data", str(data["text"]), "--steps", "10", "--out", str(tmp_path / "o")]
     assert main(base + ["--recipe", "short", "--set", "embed_lr_scale=10", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["recipe"] == "short" and cfg["head_input"] == "document" and cfg["embed_lr_scale"] == 10.0
-    assert cfg["ema_decay"] == cfg["ema_end_decay"] == 0.99999 and cfg["teacher"]["copy"] == []
-    assert cfg["masking"] == dict(defaults("text")["masking"], mask_prob=0.5)
-    assert cfg["lr"] == defaults("text")["lr"]  # what the recipe does not name stays the modality's
+    assert cfg["recipe"] == "short" and cfg["loss"]["head_input"] == "document"
+    assert cfg["optimizer"]["embed_lr_scale"] == 10.0  # the old flat key still reaches its section
+    assert cfg["ema"]["decay"] == cfg["ema"]["end_decay"] == 0.99999 and cfg["teacher"]["copy"] == []
+    assert cfg["masking"] == {"mask_prob": 0.5, "leave_unmasked_prob": 0.1, "random_token_prob": 0.1, "mask_span": 1}
+    reference = resolve_config("text").to_dict()
+    assert cfg["optimizer"]["lr"] == reference["optimizer"]["lr"]  # what the recipe does not name stays the reference
     assert main(base + ["--set", "recipe=short", "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["head_input"] == "document"
-    for image_or_audio in ("image", "audio"):  # their defaults already learn in short runs
-        assert {k: v for k, v in defaults(image_or_audio, recipe="short").items() if k != "recipe"} == \
-            {k: v for k, v in defaults(image_or_audio).items() if k != "recipe"}
+    assert json.loads(capsys.readouterr().out)["loss"]["head_input"] == "document"
     assert main(base + ["--recipe", "short", "--objective", "data2vec2", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)  # data2vec2's own text defaults, the recipe on top
-    assert cfg["objective"] == "data2vec2" and cfg["head_input"] == "document" and cfg["teacher"]["copy"] == []
+    assert cfg["objective"] == "data2vec2" and cfg["loss"]["head_input"] == "document" and cfg["teacher"]["copy"] == []
     assert cfg["model"]["target_norm"] == "layer"  # data2vec2's instance norm would centre the document away
     # and data2vec2's own recipe values: no decoder convs under the document head, 4 masks of 32 documents
-    assert cfg["masking"] == dict(defaults("text", "data2vec2")["masking"], mask_prob=0.5, num_masks=4)
+    assert cfg["masking"] == {"mask_prob": 0.5, "mask_length": 1, "num_masks": 4}
     assert cfg["batch_size"] == 32 and cfg["decoder"]["layers"] == 0
     d2v2 = ["--objective", "data2vec2", "--recipe", "short"]
     for bad, says in ((["--set", "recipe=long"], "unknown recipe 'long'"),
-                      (["--set", "head_input=cls"], "head_input must be 'position' or 'document'"),
+                      (["--set", "loss.head_input=cls"], "head_input must be 'position' or 'document'"),
                       (["--set", "embed_lr_scale=0"], "embed_lr_scale must be a positive number"),
-                      (d2v2 + ["--set", "head_input=position"], "decoder.layers 0 needs head_input=document"),
+                      (d2v2 + ["--set", "head_input=position"], "decoder.layers 0 needs loss.head_input=document"),
                       (d2v2 + ["--set", "decoder.layers=-1"], "decoder.layers must be a non-negative integer")):
         assert main(base + bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -300,7 +327,7 @@ def test_short_recipe_trains_with_a_slow_teacher_and_faster_embeddings(tmp_path,
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["training"]["config"]["recipe"] == "short"
     assert ckpt["training"]["config"]["objective"] == objective
-    initial = Trainer(dict(ckpt["training"]["config"], steps=6, out=str(tmp_path / "again")))
+    initial = Trainer(from_dict({**ckpt["training"]["config"], "steps": 6, "out": str(tmp_path / "again")}))
     teacher, start = ckpt["training"]["teacher"], initial.objective.teacher.model.state_dict()
     assert all(torch.allclose(teacher[k], v, atol=1e-6) for k, v in start.items())  # its own embeddings, EMA 0.99999
     moved = ckpt["model"]["token_embed.weight"] - initial.objective.student.token_embed.weight

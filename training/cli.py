@@ -5,8 +5,10 @@
     d2v-train --out runs/a --resume                      # continue DIR/ckpt.pt exactly where it stopped
     torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (see the README)
 
-Defaults come from training/defaults.py; `--config FILE` (JSON/YAML), the flags below and `--set key=value` override
-them in that order. `--print-config` shows the resolved config and exits.
+Defaults are the published reference recipes (training/objectives/, docs/objectives.md); `--recipe short` tunes them
+for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the flags below and
+`--set key.path=value` override them in that order. `--print-config` prints the resolved config as JSON and exits
+(no --data or --out needed).
 """
 
 from __future__ import annotations
@@ -22,9 +24,23 @@ from d2v_serve.preprocess import PreprocessError
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint
+from .config import (
+    CONFIG_VERSION,
+    ConfigError,
+    TrainConfig,
+    check,
+    from_dict,
+    load_config_file,
+    merge,
+    recipe_names,
+    recipe_warnings,
+    reference_dict,
+    resolve_config,
+    set_assignment,
+)
 from .data_sources import DataError
-from .defaults import MODALITY, OBJECTIVES, RECIPES, ConfigError, check, defaults, load_config_file, merge, set_path
 from .models import PRESETS
+from .objectives import OBJECTIVES
 from .trainer import CKPT_NAME, CollapseError, Trainer
 
 # flag -> config key path
@@ -37,17 +53,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2v-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--modality", choices=sorted(MODALITY), help="required unless resuming")
+    p.add_argument("--modality", choices=["audio", "image", "text"], help="required unless resuming")
     p.add_argument("--data", help="directory, manifest (paths or JSONL) or file")
     p.add_argument("--preset", choices=[n for n in PRESETS if n != "large"], help="model size (default tiny)")
-    p.add_argument("--steps", type=int, help="optimizer updates in the whole run")
-    p.add_argument("--out", required=True, help="run directory: ckpt.pt and metrics.jsonl")
+    p.add_argument("--steps", type=int, help="optimizer updates in the whole run (default: the reference's)")
+    p.add_argument("--out", help="run directory: ckpt.pt and metrics.jsonl (required unless --print-config)")
     p.add_argument("--resume", action="store_true", help="continue DIR/ckpt.pt if it exists (else start fresh)")
     p.add_argument("--init", help="start from this d2v checkpoint (e.g. d2v-import-hf output)")
     p.add_argument("--objective", choices=sorted(OBJECTIVES),
                    help="data2vec (default) or data2vec2: encode visible positions only, conv decoder, M masks")
-    p.add_argument("--recipe", choices=sorted(RECIPES),
-                   help="run-kind overrides: short = a few thousand updates of a small model (docs/quality.md)")
+    p.add_argument("--recipe", choices=recipe_names(),
+                   help="run-kind overrides: short = a few thousand updates of tiny/small (docs/research.md); "
+                        "without it the reference defaults (docs/objectives.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
@@ -65,57 +82,92 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
-    """The run's config: the checkpoint's (resume) or the modality table, then file, flags and --set."""
+def resolve(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainConfig:
+    """The run's config: the checkpoint's (resume) or the objective's defaults and recipe, then file, flags, --set."""
+    layers = override_layers(args)
     if resume is not None:
-        cfg = resume["training"]["config"]
-        if args.modality and args.modality != cfg["modality"]:
-            raise ConfigError(f"{args.out} holds a {cfg['modality']} run; --modality {args.modality} does not match")
-        cfg["stop_at"] = None  # an invocation setting, not part of the run
-        for key, value in (("objective", "data2vec"), ("recipe", None), ("head_input", "position"),
-                           ("embed_lr_scale", 1.0)):
-            cfg.setdefault(key, value)  # checkpoints from before these keys
-        objective, recipe = cfg["objective"], cfg["recipe"]
+        saved = saved_config(resume, args)
+        if args.modality and args.modality != saved["modality"]:
+            raise ConfigError(f"{args.out} holds a {saved['modality']} run; --modality {args.modality} does not match")
+        saved["stop_at"] = None  # an invocation setting, not part of the run
+        objective, recipe = saved["objective"], saved["recipe"]
+        for key, value in (("objective", objective), ("recipe", recipe)):
+            if requested(layers, key, value) != value:
+                raise ConfigError(f"{key} {requested(layers, key, value)!r} cannot change in a resumed run (it is "
+                                  f"{value!r})")
+        cfg = from_dict(merge_layers(saved, layers))
     elif not args.modality:
         raise ConfigError("--modality is required when starting a run")
     else:
-        objective, recipe = requested(args, "objective", "data2vec"), requested(args, "recipe", None)
-        cfg = defaults(args.modality, objective, recipe)
-    apply_overrides(cfg, args)
-    if cfg["objective"] != objective:
-        raise ConfigError(f"objective {cfg['objective']!r} cannot change in a resumed run (it is {objective!r})")
-    if cfg["recipe"] != recipe:
-        raise ConfigError(f"recipe {cfg['recipe']!r} cannot change in a resumed run (it is {recipe!r})")
-    cfg["out"] = str(args.out)
+        objective, recipe = requested(layers, "objective", "data2vec"), requested(layers, "recipe", None)
+        cfg = resolve_config(args.modality, objective, recipe, layers)
+    cfg.out = str(args.out) if args.out else None
     if args.no_progress:
-        cfg["progress"] = False
-    check(cfg)
+        cfg.progress = False
     return cfg
 
 
-def requested(args: argparse.Namespace, key: str, default: str | None) -> str | None:
-    """The objective (or recipe) chosen by the config file, the flag or --set KEY=..., later winning: it picks the
-    defaults the rest of the overrides apply to."""
-    probe: dict[str, Any] = {key: default}
-    if args.config:
-        probe[key] = load_config_file(args.config).get(key, probe[key])
-    if getattr(args, key):
-        probe[key] = getattr(args, key)
-    for assignment in args.set:
-        if assignment.partition("=")[0].strip() == key:
-            set_path(probe, assignment)
-    return None if probe[key] is None else str(probe[key])
+def saved_config(resume: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The config a checkpoint was trained with, as a nested dict; a checkpoint from before the typed config (flat
+    keys) is translated onto the reference layout, or refused in one line."""
+    training = resume["training"]
+    saved = training.get("config")
+    if not isinstance(saved, dict) or "modality" not in saved:
+        raise CheckpointError(f"{args.out}: the checkpoint holds no training config to resume from")
+    if training.get("config_version") == CONFIG_VERSION:
+        return saved
+    if training.get("config_version") is not None:
+        raise CheckpointError(f"{args.out}: training config version {training['config_version']!r} is not one this "
+                              f"d2v reads ({CONFIG_VERSION}); resume it with the d2v that wrote it")
+    old = dict(saved)
+    old.setdefault("objective", "data2vec")
+    old.setdefault("recipe", None)
+    if not old.get("decoder"):
+        old.pop("decoder", None)
+    try:
+        return merge(reference_dict(old["modality"], old["objective"]), old)
+    except ConfigError as e:
+        raise CheckpointError(f"{args.out}: a checkpoint from an older d2v whose config cannot be read ({e})") from None
 
 
-def apply_overrides(cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    if args.config:
-        merge(cfg, load_config_file(args.config))
+def override_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The config file, the flags and each --set, in that order, as nested dicts."""
+    layers = [load_config_file(args.config)] if args.config else []
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            set_path(cfg, f"{key}={json.dumps(value)}")
-    for assignment in args.set:
-        set_path(cfg, assignment)
+            layers.append(set_assignment(f"{key}={json.dumps(value)}"))
+    layers += [set_assignment(a) for a in args.set]
+    return layers
+
+
+def merge_layers(cfg: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    for layer in layers:
+        merge(cfg, layer)
+    return cfg
+
+
+def requested(layers: list[dict[str, Any]], key: str, default: str | None) -> str | None:
+    """The objective (or recipe) chosen by the config file, the flag or --set KEY=..., later winning: it picks the
+    defaults the rest of the overrides apply to."""
+    value = default
+    for layer in layers:
+        if key in layer:
+            value = layer[key]
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"config key {key!r} expects a name, got {value!r}")
+    return value
+
+
+def announce(cfg: TrainConfig) -> None:
+    """One line naming the recipe a run resolved to, and a warning where it does not fit the run."""
+    if cfg.recipe is None:
+        what = f"reference defaults of {cfg.objective} {cfg.modality} (docs/objectives.md)"
+    else:
+        what = f"{cfg.recipe!r} for {cfg.objective} {cfg.modality} (docs/research.md)"
+    print(f"d2v-train: recipe: {what}, preset {cfg.preset}, {cfg.steps} updates", file=sys.stderr)
+    for note in recipe_warnings(cfg):
+        print(f"d2v-train: warning: {note}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,19 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     d = None
     code = 0
     try:
-        ckpt_path = Path(args.out) / CKPT_NAME
-        resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+        ckpt_path = Path(args.out) / CKPT_NAME if args.out else None
+        resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path and ckpt_path.exists() else None
         if resume is not None and "training" not in resume:
             raise CheckpointError(f"{ckpt_path}: has no training state to resume from")
         cfg = resolve(args, resume)
         if args.print_config:
-            print(json.dumps(cfg, indent=2))
+            print(cfg.to_json())
             return 0
+        if ckpt_path is None:
+            raise ConfigError("no run directory: pass --out DIR")
+        check(cfg, need_data=True)
         if resume is None and ckpt_path.exists():
             raise ConfigError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-        init = load_checkpoint(cfg["init"]) if cfg.get("init") and resume is None else None
-        d = distributed.setup(cfg["device"])
-        Trainer(cfg, resume=resume, init=init, dist=d).run()
+        init = load_checkpoint(cfg.init) if cfg.init and resume is None else None
+        d = distributed.setup(cfg.device)
+        trainer = Trainer(cfg, resume=resume, init=init, dist=d)
+        if d.is_main:
+            announce(cfg)  # once the data and the model are known to be usable
+        trainer.run()
     except CollapseError as e:
         code = _fail(str(e), 3, d)
     except (ConfigError, CheckpointError) as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-SCHEDULES = ("cosine", "tri_stage", "constant")
+from .config import SCHEDULES, ScheduleConfig
 
 
 def warmup_cosine(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.0) -> float:
@@ -37,16 +37,14 @@ def tri_stage(step: int, total: int, peak: float, phases: Sequence[float], init_
     return peak * math.exp(math.log(final_scale) * t / decay)
 
 
-def learning_rate(step: int, cfg: dict) -> float:
-    """The lr for update `step` (0-based) under the resolved training config."""
-    total, peak = int(cfg["steps"]), float(cfg["lr"])
-    name = cfg["schedule"]
+def learning_rate(step: int, total: int, peak: float, schedule: ScheduleConfig) -> float:
+    """The lr for update `step` (0-based) of a `total`-update run peaking at `peak`."""
+    name = schedule.name
     if name == "cosine":
-        warmup = cfg["warmup_steps"] if cfg["warmup_steps"] is not None else round(cfg["warmup_frac"] * total)
-        return warmup_cosine(step, total, peak, int(warmup), float(cfg["min_lr_ratio"]))
+        warmup = schedule.warmup_steps if schedule.warmup_steps is not None else round(schedule.warmup_frac * total)
+        return warmup_cosine(step, total, peak, int(warmup), schedule.min_lr_ratio)
     if name == "tri_stage":
-        return tri_stage(step, total, peak, cfg["tri_stage"], float(cfg["init_lr_scale"]),
-                         float(cfg["final_lr_scale"]))
+        return tri_stage(step, total, peak, schedule.tri_stage, schedule.init_lr_scale, schedule.final_lr_scale)
     if name == "constant":
         return peak
     raise ValueError(f"unknown lr schedule {name!r}; expected one of {', '.join(SCHEDULES)}")

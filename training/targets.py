@@ -37,6 +37,8 @@ def normalize_layer(x: Tensor, valid_mask: Tensor, kind: str) -> Tensor:
         return masked_instance_norm(x, valid_mask)
     if kind == "layer":
         return F.layer_norm(x, x.shape[-1:], eps=EPS)
+    if kind == "none":  # the raw layer output (fairseq data2vec_vision: no per-layer norm, one after averaging)
+        return x
     raise ValueError(f"unknown target norm {kind!r}")
 
 

@@ -1,6 +1,6 @@
 """The training loop: build student, teacher, head, optimizer and data from a resolved config, then step.
 
-    trainer = Trainer(cfg)                 # cfg: defaults.defaults(modality) + overrides, see cli.py
+    trainer = Trainer(cfg)                 # cfg: a resolved TrainConfig (config.resolve_config, cli.py)
     trainer.run()                          # steps, logs DIR/metrics.jsonl, writes DIR/ckpt.pt atomically
 
 One update = `accum` micro-batches (forward + backward, DDP gradient sync on the last one), gradient clipping, one
@@ -30,20 +30,19 @@ from d2v_serve.preprocess import AudioPreprocessing, ImagePreprocessing, TextPre
 from . import distributed
 from .augment import ImageAugment
 from .checkpoint import encoder_config, initial_encoder, make_checkpoint, save_checkpoint
+from .config import CONFIG_VERSION, ConfigError, TrainConfig, resolve_derived
 from .data import BatchStream, DataConfig, build_text_preprocessing, open_dataset
 from .data_sources import find_sources
-from .defaults import ConfigError, resolve_derived
-from .masking import BatchMasker, MultiMasker, TokenMasking
+from .flops import peak_flops, update_flops
 from .models import EncoderConfig, build_encoder
-from .objective import Data2Vec, LossSpec, TeacherSpec
-from .objective2 import Data2Vec2, DecoderSpec
+from .objectives import get_objective
 from .plots import plot_training_curves
 from .schedules import ema_decay, learning_rate
 
 CKPT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
+WALL_CLOCK = ("elapsed_s", "samples_per_s", "model_flops_per_s", "mfu")
 _MASK_TAG, _TORCH_TAG = 7, 11  # seed-sequence tags: masks and the dropout generator draw from independent streams
-NO_DECAY = ("cls_token", "mask_token", "mask_embedding", "rel_pos_bias", "pos_embed")
 
 
 class CollapseError(RuntimeError):
@@ -51,30 +50,26 @@ class CollapseError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: dict[str, Any], resume: dict[str, Any] | None = None, init: dict[str, Any] | None = None,
+    def __init__(self, cfg: TrainConfig, resume: dict[str, Any] | None = None, init: dict[str, Any] | None = None,
                  dist: distributed.Dist | None = None) -> None:
         self.cfg = cfg
-        self.dist = dist or distributed.setup(cfg["device"])
+        self.dist = dist or distributed.setup(cfg.device)
         self.device = self.dist.device
-        self.out = Path(cfg["out"]) if cfg.get("out") else None
-        modality = cfg["modality"]
-        torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+        self.out = Path(cfg.out) if cfg.out else None
+        modality = cfg.modality
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
         self.preprocessing = self._preprocessing(resume, init)
         self.enc_cfg = self._encoder_config(resume, init)
         resolve_derived(cfg, self.enc_cfg.hidden_size, self.enc_cfg.num_patches if modality == "image" else None)
 
         if resume is None and init is None:
-            student = initial_encoder(self.enc_cfg, cfg["seed"], float(cfg["init_std"]))
+            student = initial_encoder(self.enc_cfg, cfg.seed, cfg.init_std)
         else:
             student = build_encoder(self.enc_cfg)
             student.load_state_dict((resume or init)["model"])
-        t = cfg["teacher"]
-        teacher_spec = TeacherSpec(tuple(t["drop"]), tuple(t["copy"]), bool(t["reads_student_features"]),
-                                   t["mask_param"])
-        loss_spec = LossSpec(float(cfg["loss_beta"]), float(cfg["loss_scale"]), cfg["loss_reduce"],
-                             int(cfg["head_layers"]), cfg["head_input"])
-        self.objective = self._objective(student, teacher_spec, loss_spec)  # head / decoder initialised here (seeded)
+        kind = get_objective(cfg.objective).Objective
+        self.objective = kind.from_config(student, cfg)  # head / decoder initialised here (seeded)
         if resume is not None:
             self.objective.load_training_state(resume["training"])
         self.objective.to(self.device)
@@ -85,7 +80,7 @@ class Trainer:
                 forward_sync_buffers=False, find_unused_parameters=self.enc_cfg.layerdrop > 0)
 
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = self._optimizer()
+        self.optimizer = self.objective.configure_optimizer(cfg, self.device.type)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
@@ -97,26 +92,21 @@ class Trainer:
             self.step = int(tr["step"])
 
         self.dataset = self._dataset()
-        self.masker = self._masker()
-        data = cfg["data"]
-        self.stream = BatchStream(self.dataset, cfg["batch_size"], cfg["seed"], data["max_batch_cost"],
-                                  data["bucket_batches"], data.get("pad_audio", True), data["num_workers"],
-                                  data["prefetch"])
+        pre = TextPreprocessing.from_dict(self.preprocessing) if modality == "text" else None
+        self.masker = kind.masker(cfg, self.enc_cfg, pre)
+        data = cfg.data
+        self.stream = BatchStream(self.dataset, cfg.batch_size, cfg.seed, data.max_batch_cost, data.bucket_batches,
+                                  data.pad_audio, data.num_workers, data.prefetch)
+        self.flops = 0.0  # model FLOPs since this invocation started (training/flops.py), for MFU
+        self.peak_flops = peak_flops(self.device, cfg.peak_tflops)
         self._batches = None
         self.samples = 0 if resume is None else int(resume["training"].get("samples", 0))
         self._restore_rng(resume)
 
     # ------------------------------------------------------------------------------------------------ building
 
-    def _objective(self, student: nn.Module, teacher: TeacherSpec, loss: LossSpec) -> Data2Vec:
-        cfg = self.cfg
-        if cfg.get("objective", "data2vec") == "data2vec":
-            return Data2Vec(student, teacher, loss)
-        decoder = DecoderSpec(**cfg["decoder"], head_layers=int(cfg["head_layers"]))
-        return Data2Vec2(student, teacher, loss, decoder, int(cfg["masking"]["num_masks"]), float(cfg["cls_loss"]))
-
     def _preprocessing(self, resume: dict | None, init: dict | None) -> dict[str, Any]:
-        cfg, modality = self.cfg, self.cfg["modality"]
+        cfg, modality = self.cfg, self.cfg.modality
         for ckpt in (resume, init):
             if ckpt is not None:
                 if ckpt["modality"] != modality:
@@ -128,26 +118,26 @@ class Trainer:
             size = self._preset_config().image_size
             return ImagePreprocessing(image_size=size, resize_size=size).to_dict()
         preset = self._preset_config()
-        vocab = cfg["data"].get("vocab_size") or preset.vocab_size
-        max_length = cfg["data"].get("text_max_length") or preset.max_positions - 2
+        vocab = cfg.data.vocab_size or preset.vocab_size
+        max_length = cfg.data.text_max_length or preset.max_positions - 2
         pre = None
         if self.dist.is_main:  # one tokenizer for every rank: trained on rank 0, then broadcast
-            sources = find_sources("text", cfg["data"]["path"])
-            pre = build_text_preprocessing(sources, vocab, max_length, cfg["data"]["min_frequency"]).to_dict()
+            sources = find_sources("text", cfg.data.path)
+            pre = build_text_preprocessing(sources, vocab, max_length, cfg.data.min_frequency).to_dict()
         return distributed.broadcast_object(pre, self.dist)
 
     def _preset_config(self) -> EncoderConfig:
-        return EncoderConfig.preset(self.cfg["modality"], self.cfg["preset"], self.cfg.get("target_layers_of_12"),
-                                    **self.cfg["model"])
+        return EncoderConfig.preset(self.cfg.modality, self.cfg.preset, self.cfg.teacher.target_layers_of_12,
+                                    **self.cfg.model)
 
     def _encoder_config(self, resume: dict | None, init: dict | None) -> EncoderConfig:
         if resume is not None:
             return encoder_config(resume)
         if init is not None:
-            enc = encoder_config(init).replace(**self.cfg["model"])
+            enc = encoder_config(init).replace(**self.cfg.model)
         else:
             enc = self._preset_config()
-        if self.cfg["modality"] == "text":
+        if self.cfg.modality == "text":
             pre = TextPreprocessing.from_dict(self.preprocessing)
             if init is None:
                 enc = enc.replace(vocab_size=pre.vocab_size, pad_id=pre.pad_id)
@@ -156,61 +146,30 @@ class Trainer:
                                   f"model ({enc.vocab_size} ids, {enc.max_positions} positions)")
         return enc
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, p in self.objective.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
-        cfg = self.cfg
-        scale, faster = float(cfg["embed_lr_scale"]), []
-        if scale != 1.0:  # the token embeddings in a group of their own, stepped at scale x the scheduled lr
-            embed = self.objective.student.token_embed.weight
-            faster = [{"params": [embed], "weight_decay": float(cfg["weight_decay"]), "lr_scale": scale}]
-            decay = [p for p in decay if p is not embed]
-        groups = [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                  {"params": no_decay, "weight_decay": 0.0}, *faster]
-        return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), eps=float(cfg["eps"]),
-                                 **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
-
     def _amp_dtype(self) -> torch.dtype | None:
-        precision, cuda = self.cfg["precision"], self.device.type == "cuda"
+        precision, cuda = self.cfg.precision, self.device.type == "cuda"
         if precision == "auto":
             if cuda:
                 return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.bfloat16 if self.cfg["cpu_bf16"] else None
+            return torch.bfloat16 if self.cfg.cpu_bf16 else None
         if precision == "fp16" and not cuda:
             raise ConfigError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     def _dataset(self) -> Any:
-        cfg, data = self.cfg, self.cfg["data"]
+        cfg, data = self.cfg, self.cfg.data
         names = {f for f in DataConfig.__dataclass_fields__ if f != "image_augment"}
-        options = {k: v for k, v in data.items() if k in names and v is not None}
-        if cfg["modality"] == "image":
-            options["image_augment"] = ImageAugment(tuple(data["crop_scale"]), tuple(data["crop_ratio"]),
-                                                    float(data["hflip"]))
-        pre = preprocessing_from_dict(cfg["modality"], self.preprocessing)
-        return open_dataset(cfg["modality"], data["path"], pre, DataConfig(**options))
-
-    def _masker(self) -> BatchMasker | MultiMasker:
-        modality, options = self.cfg["modality"], self.cfg["masking"]
-        if isinstance(self.objective, Data2Vec2):
-            return MultiMasker(modality, options, conv_layers=self.enc_cfg.conv_layers, grid=self.enc_cfg.grid_size)
-        if modality != "text":
-            return BatchMasker(modality, options, conv_layers=self.enc_cfg.conv_layers, grid=self.enc_cfg.grid_size)
-        pre = TextPreprocessing.from_dict(self.preprocessing)
-        unk = pre.tokenizer.token_to_id("<unk>")
-        specials = tuple(i for i in (pre.bos_id, pre.pad_id, pre.eos_id, unk) if i is not None)
-        tokens = TokenMasking(pre.mask_id, self.enc_cfg.vocab_size, specials, float(options["mask_prob"]),
-                              float(options["leave_unmasked_prob"]), float(options["random_token_prob"]),
-                              int(options["mask_span"]))
-        return BatchMasker(modality, options, text=tokens)
+        options = {k: getattr(data, k) for k in names if getattr(data, k) is not None}
+        if cfg.modality == "image":
+            options["image_augment"] = ImageAugment(tuple(data.crop_scale), tuple(data.crop_ratio), data.hflip)
+        pre = preprocessing_from_dict(cfg.modality, self.preprocessing)
+        return open_dataset(cfg.modality, data.path, pre, DataConfig(**options))
 
     # ------------------------------------------------------------------------------------------------ stepping
 
     def batches(self) -> Any:
         if self._batches is None:
-            start = self.step * self.cfg["accum"]
+            start = self.step * self.cfg.accum
             self._batches = self.stream.iterate(start, self.dist.rank, self.dist.world_size)
         return self._batches
 
@@ -224,8 +183,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer update; returns the step's metrics (averaged over micro-batches and ranks)."""
         cfg, d = self.cfg, self.dist
-        accum = cfg["accum"]
-        lr = learning_rate(self.step, cfg)
+        accum = cfg.accum
+        lr = learning_rate(self.step, cfg.steps, cfg.optimizer.lr, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.model.train()
@@ -233,9 +192,12 @@ class Trainer:
         items = 0
         for micro in range(accum):
             np_batch = next(self.batches())
-            rng = np.random.default_rng([cfg["seed"], _MASK_TAG, self.step, micro, d.rank])
+            rng = np.random.default_rng([cfg.seed, _MASK_TAG, self.step, micro, d.rank])
             batch = self._to_device(self.masker(np_batch, rng))
-            items += int(next(iter(np_batch.values())).shape[0])
+            items += items_in(np_batch)
+            mask = batch["mask"]
+            student = batch["keep"].numel() if "keep" in batch else mask.numel()
+            self.flops += update_flops(self.enc_cfg, student, items_in(np_batch) * mask.shape[1]) * d.world_size
             last = micro == accum - 1
             sync = nullcontext() if last or not d.enabled else self.model.no_sync()
             with sync:
@@ -247,14 +209,13 @@ class Trainer:
             totals += torch.stack([out.loss.detach().double(), s["target_var"].double(), s["pred_var"].double(),
                                    s["masked"].double()])
         self.scaler.unscale_(self.optimizer)
-        clip = float(cfg["clip_grad"])
+        clip = cfg.optimizer.clip_grad
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        decay = ema_decay(self.step, float(cfg["ema_decay"]), float(cfg["ema_end_decay"]),
-                          int(cfg["ema_anneal_steps"]))
+        decay = ema_decay(self.step, cfg.ema.decay, cfg.ema.end_decay, cfg.ema.anneal_steps)
         self.objective.update_teacher(decay)
         totals[:3] /= accum
         totals = distributed.all_reduce_mean(torch.cat([totals, grad_norm.detach().double().reshape(1)]), d)
@@ -264,28 +225,28 @@ class Trainer:
                 "pred_var": pvar, "masked": masked, "grad_norm": gnorm, "samples": self.samples}
 
     def check_collapse(self, m: dict[str, float]) -> None:
-        g = self.cfg["guard"]
-        if self.step <= int(g["after"]):
+        g = self.cfg.guard
+        if self.step <= g.after:
             return
         for name, key in (("target_var", "min_target_var"), ("pred_var", "min_pred_var")):
-            if not m[name] >= float(g[key]):  # NaN fails too
-                raise CollapseError(f"collapse guard: {name} {m[name]:.4g} fell below {key}={g[key]} at step "
-                                    f"{self.step} (guard active after {g['after']} updates)")
+            if not m[name] >= getattr(g, key):  # NaN fails too
+                raise CollapseError(f"collapse guard: {name} {m[name]:.4g} fell below {key}={getattr(g, key)} at "
+                                    f"step {self.step} (guard active after {g.after} updates)")
 
     # ------------------------------------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
-        total = int(cfg["steps"])
-        stop = min(total, int(cfg["stop_at"])) if cfg.get("stop_at") else total
+        total = cfg.steps
+        stop = min(total, cfg.stop_at) if cfg.stop_at else total
         log = self._open_log()
         bar = None
-        if d.is_main and cfg["progress"]:
+        if d.is_main and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=self.step, desc=f"d2v-train {cfg['modality']}", dynamic_ncols=True,
+            bar = tqdm(total=total, initial=self.step, desc=f"d2v-train {cfg.modality}", dynamic_ncols=True,
                        file=sys.stderr)
-        start, start_samples = time.perf_counter(), self.samples
+        start, start_samples, self.flops = time.perf_counter(), self.samples, 0.0
         metrics: dict[str, Any] = {}
         try:
             while self.step < stop:
@@ -293,7 +254,10 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 metrics["elapsed_s"] = round(elapsed, 3)
                 metrics["samples_per_s"] = round((self.samples - start_samples) / max(elapsed, 1e-9), 2)
-                if log is not None and (self.step % cfg["log_every"] == 0 or self.step == stop):
+                flops_per_s = self.flops / max(elapsed, 1e-9)
+                metrics["model_flops_per_s"] = float(f"{flops_per_s:.4g}")
+                metrics["mfu"] = None if self.peak_flops is None else float(f"{flops_per_s / self.peak_flops:.4g}")
+                if log is not None and (self.step % cfg.log_every == 0 or self.step == stop):
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
                 if bar is not None:
@@ -301,7 +265,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     ema=f"{metrics['ema_decay']:.5f}", tvar=f"{metrics['target_var']:.3f}")
                 self.check_collapse(metrics)
-                if self.step % cfg["save_every"] == 0 or self.step == stop:
+                if self.step % cfg.save_every == 0 or self.step == stop:
                     self.save(metrics)
             if self.step == 0:  # --steps 0: the initial weights, a baseline for d2v-eval
                 self.save(metrics)
@@ -311,7 +275,8 @@ class Trainer:
             if log is not None:
                 log.close()
             self.close()
-            self.plot()  # also after a collapse or an interrupt: that is when the curves matter most
+            if cfg.plot:
+                self.plot()  # also after a collapse or an interrupt: that is when the curves matter most
         digests = distributed.all_gather_objects(self.param_digest(), d)
         summary = {"event": "end", "step": self.step, "param_digests": digests,
                    "ranks_in_sync": len(set(digests)) == 1, "last": metrics}
@@ -359,20 +324,22 @@ class Trainer:
             "step": self.step,
             "samples": self.samples,
             "optimizer": _cpu(self.optimizer.state_dict()),
-            "scheduler": {"name": cfg["schedule"], "step": self.step, "lr": learning_rate(self.step, cfg)},
+            "scheduler": {"name": cfg.schedule.name, "step": self.step,
+                          "lr": learning_rate(self.step, cfg.steps, cfg.optimizer.lr, cfg.schedule)},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "objective": cfg.get("objective", "data2vec"),
+            "objective": cfg.objective,
             **_cpu(self.objective.training_state()),  # teacher, and head (data2vec) or decoder (data2vec2)
-            "ema": {"decay": metrics.get("ema_decay"), "updates": self.step, "start": cfg["ema_decay"],
-                    "end": cfg["ema_end_decay"], "anneal_steps": cfg["ema_anneal_steps"]},
+            "ema": {"decay": metrics.get("ema_decay"), "updates": self.step, "start": cfg.ema.decay,
+                    "end": cfg.ema.end_decay, "anneal_steps": cfg.ema.anneal_steps},
             "rng": {"torch": [r["torch"] for r in rng], "cuda": [r["cuda"] for r in rng]},
-            "data": {"micro_step": self.step * cfg["accum"], "world_size": d.world_size, "seed": cfg["seed"],
-                     "batch_size": cfg["batch_size"]},
+            "data": {"micro_step": self.step * cfg.accum, "world_size": d.world_size, "seed": cfg.seed,
+                     "batch_size": cfg.batch_size},
             "world_size": d.world_size,
             # wall-clock figures stay in metrics.jsonl, so that the same run gives a byte-identical checkpoint
             "metrics": {k: v for k, v in metrics.items()
-                        if isinstance(v, int | float) and k not in ("elapsed_s", "samples_per_s")},
-            "config": cfg,
+                        if isinstance(v, int | float) and k not in WALL_CLOCK},
+            "config": cfg.to_dict(),
+            "config_version": CONFIG_VERSION,
         }
         return make_checkpoint(self.enc_cfg, self.objective.student.state_dict(), self.preprocessing, training)
 
@@ -400,8 +367,12 @@ class Trainer:
         if saved is not None:
             print(f"d2v-train: resuming with {d.world_size} ranks from a run with {len(saved['torch'])}: "
                   "dropout draws and data order will differ from the original run", file=sys.stderr)
-        seed = int(np.random.SeedSequence([self.cfg["seed"], _TORCH_TAG, d.rank, self.step]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([self.cfg.seed, _TORCH_TAG, d.rank, self.step]).generate_state(1)[0])
         torch.manual_seed(seed)
+
+
+def items_in(batch: dict[str, Any]) -> int:
+    return int(next(iter(batch.values())).shape[0])
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class EncoderConfig:
     # data2vec target space: mean of the top-K layer outputs, each normalised.
     target_layers: int = 8
     target_source: str = "ffn"  # "ffn": FFN output before the last residual; "block": full block output
-    target_norm: str = "instance"  # per-layer: "instance" (over time, per channel) or "layer" (no affine)
+    target_norm: str = "instance"  # per-layer: "instance" (over time, per channel), "layer" (no affine) or "none"
     target_final_norm: bool = False  # layer norm after averaging
 
     # audio front end

@@ -1,7 +1,7 @@
 """Is it the regression objective? The topic corpus on the simplest model that can learn topics (docs/quality.md).
 
-    .venv/bin/python bench/text_bag.py --out runs/text-bag                 # every objective, JSON to OUT/bag.json
-    .venv/bin/python bench/text_bag.py --out runs/text-bag ce regress-random
+    .venv/bin/python -m research.text_bag --out runs/text-bag                 # every objective, JSON to OUT/bag.json
+    .venv/bin/python -m research.text_bag --out runs/text-bag ce regress-random
 
 A bag-of-words model (word2vec's CBOW): a masked word is predicted from the mean of the embeddings of the visible
 words of its document, through a two-layer head (as data2vec's text head), on bench/quality.py's topic corpus with
@@ -21,12 +21,9 @@ import argparse
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 OBJECTIVES = ("ce", "regress-random", "regress-ema", "regress-ema-bn")
 WIDTH = 64  # tiny's

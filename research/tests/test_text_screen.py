@@ -1,4 +1,4 @@
-"""bench/text_screen.py's pieces that need no training (the man-page paragraph reader, the candidates' config keys,
+"""research/text_screen.py's pieces that need no training (the man-page paragraph reader, the candidates' config keys,
 the bar chart), and bench/text_bag.py's bag-of-words model on a small generated corpus."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from bench import text_bag, text_screen
 from bench.quality import build_text
-from d2v.training.defaults import defaults, set_path
+from d2v.training.config import resolve_config, set_assignment
+from research import text_bag, text_screen
 
 PAGE = r""".\" Copyright line, never text
 .TH read 2 2022-12-04 "Linux man-pages"
@@ -36,22 +36,12 @@ def test_man_paragraphs_keep_the_description_as_plain_text():
 
 
 def test_every_candidate_names_known_config_keys():
-    for name, (extra, variant, steps) in text_screen.CANDIDATES.items():
+    for name, (extra, steps) in text_screen.CANDIDATES.items():
         objective = extra[extra.index("--objective") + 1] if "--objective" in extra else "data2vec"
         recipe = extra[extra.index("--recipe") + 1] if "--recipe" in extra else None
-        cfg = defaults("text", objective, recipe)
-        for flag, value in zip(extra, extra[1:], strict=False):
-            if flag == "--set":
-                set_path(cfg, value)  # raises ConfigError on an unknown key or a wrong type
-        assert variant in (None, "mlm", "bn", "both-heads") or text_screen.pooled_weights(variant), name
-        assert steps > 0
-
-
-def test_pooled_variant_weights():
-    assert text_screen.pooled_weights("pooled:1") == (1.0, 1.0)
-    assert text_screen.pooled_weights("pooled:1:0") == (1.0, 0.0)
-    with pytest.raises(ValueError, match="pooled:W"):
-        text_screen.pooled_weights("pooled")
+        sets = [set_assignment(v) for f, v in zip(extra, extra[1:], strict=False) if f == "--set"]
+        resolve_config("text", objective, recipe, sets)  # raises ConfigError on an unknown key or a wrong type
+        assert steps > 0, name
 
 
 def test_lsa_reference_finds_the_topics_a_random_projection_blurs(tmp_path):

@@ -1,4 +1,4 @@
-"""bench/objective_speed.py's logic: time to a probe accuracy, accuracy at a time, the comparison and its report
+"""research/objective_speed.py's logic: time to a probe accuracy, accuracy at a time, the comparison and its report
 (synthetic curves; no training, no timing)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench import objective_speed as obj
+from research import objective_speed as obj
 
 
 def test_time_to_accuracy_interpolates_the_first_crossing():

@@ -1,11 +1,11 @@
 """data2vec 2.0 vs data2vec: compute to reach the same linear-probe accuracy, on docs/quality.md's data and probe.
 
-    .venv/bin/python bench/objective_speed.py train --out runs/objective --modality image --objective data2vec \\
+    .venv/bin/python -m research.objective_speed train --out runs/objective --modality image --objective data2vec \\
         --steps 2500 --probe-at 250,500,1000,1500,2000,2500
-    .venv/bin/python bench/objective_speed.py train --out runs/objective --modality image --objective data2vec2 \\
+    .venv/bin/python -m research.objective_speed train --out runs/objective --modality image --objective data2vec2 \\
         --steps 600 --probe-at 100,200,300,400,600 [--set masking.num_masks=8 ...] [--name image-d2v2-lr1e-3]
-    .venv/bin/python bench/objective_speed.py report --out runs/objective      # OUT/objective_speed.json + table
-    .venv/bin/python bench/objective_speed.py probe --out runs/objective --name image-data2vec2   # a stopped run
+    .venv/bin/python -m research.objective_speed report --out runs/objective      # OUT/objective_speed.json + table
+    .venv/bin/python -m research.objective_speed probe --out runs/objective --name image-data2vec2   # a stopped run
 
 `train` builds the modality's labelled set once (bench/quality.py's builders: the train split is the unlabelled
 pretraining data, the held-out split is what the probe sees), then pretrains `tiny` in a child process with
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 TIMELINE = "timeline.jsonl"  # one line per saved checkpoint: step, samples, cpu_s, wall_s
 CURVE = "curve.json"  # the run's config, timeline and probe accuracy per checkpoint
@@ -88,22 +87,19 @@ def _segments(args: argparse.Namespace) -> int:
     from d2v.training.cli import parser, resolve
     from d2v.training.trainer import CKPT_NAME, Trainer
 
-    class SegmentTrainer(Trainer):
-        def plot(self) -> None:  # the curves are drawn once, after the last segment, outside the timed loop
-            pass
-
     run = Path(args.run)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     cfg = resolve(parser().parse_args(args.train_args), None)
-    trainer = SegmentTrainer(cfg)
+    cfg.plot = False  # the curves are drawn once, after the last segment, outside the timed loop
+    trainer = Trainer(cfg)
     setup = {"event": "setup", "setup_cpu_s": round(time.process_time() - cpu0, 3),
              "setup_wall_s": round(time.perf_counter() - wall0, 3), "torch_threads": torch.get_num_threads(),
-             "config": cfg}
+             "config": cfg.to_dict()}
     timeline = (run / TIMELINE).open("w", encoding="utf-8")
     timeline.write(json.dumps(setup) + "\n")
     cpu, wall = time.process_time(), time.perf_counter()
-    for stop in _probe_steps(args.probe_at, int(cfg["steps"])):
-        cfg["stop_at"] = stop
+    for stop in _probe_steps(args.probe_at, cfg.steps):
+        cfg.stop_at = stop
         trainer.run()
         row = {"step": trainer.step, "samples": trainer.samples, "cpu_s": round(time.process_time() - cpu, 3),
                "wall_s": round(time.perf_counter() - wall, 3)}
@@ -111,7 +107,7 @@ def _segments(args: argparse.Namespace) -> int:
         timeline.flush()
         shutil.copyfile(run / CKPT_NAME, run / f"ckpt-{trainer.step:06d}.pt")
     timeline.close()
-    Trainer.plot(trainer)
+    trainer.plot()
     return 0
 
 
@@ -168,7 +164,8 @@ def train(args: argparse.Namespace) -> int:
     (run / RUN).write_text(json.dumps({"name": name, "modality": args.modality, "objective": args.objective,
                                        "steps": args.steps, "seed": args.seed, "sets": args.set}), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "_segments", "--run", str(run), "--probe-at", args.probe_at, "--", *train_args]
+    cmd = [sys.executable, "-m", "research.objective_speed", "_segments", "--run", str(run), "--probe-at",
+           args.probe_at, "--", *train_args]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return probe_run(out, run, args.keep_checkpoints)
 
@@ -205,7 +202,7 @@ def probe_run(out: Path, run: Path, keep_checkpoints: bool = False) -> int:
               f"probe {row['accuracy']:.3f}", flush=True)
         if not keep_checkpoints and row is not timeline[-1] and not partial:
             ckpt.unlink()
-    curve = {**meta, "num_masks": int(cfg.get("masking", {}).get("num_masks") or 1),
+    curve = {**meta, "num_masks": int((cfg.get("masking") or {}).get("num_masks") or 1),
              "batch_size": cfg["batch_size"], "initial_accuracy": initial,
              "partial": partial, "machine": _machine(), **setup, "timeline": timeline}
     (run / CURVE).write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
