@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -16,6 +17,7 @@ EXTRA_MODULES = {
     "train": {"torch", "safetensors", "tqdm", "yaml", "matplotlib"},
     "export": {"torch", "onnx", "onnxscript", "onnxconverter_common"},
     "eval": {"sklearn", "matplotlib", "tqdm"},
+    "bulk": {"pyarrow", "tqdm"},
 }
 
 
@@ -31,14 +33,19 @@ def add_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
 
 
-def run_with_extra(module: str, prog: str, extra: str, argv: list[str] | None = None) -> int:
-    """`module.main(argv)`, or exit status 2 and one line when a module of the `extra` is missing."""
+def run_with_extra(module: str, prog: str, extra: str, argv: list[str] | None = None, *,
+                   checked: bool = False) -> int:
+    """`module.main(argv)`, or exit status 2 and one line when a module of the `extra` is missing. `checked`:
+    look for every module of the extra first (for a command that imports them only once it has work to do)."""
+    name = "training" if extra == "train" else extra
+    missing = sorted(m for m in EXTRA_MODULES[extra] if checked and importlib.util.find_spec(m) is None)
     try:
+        if missing:
+            raise ModuleNotFoundError(name=missing[0])
         return importlib.import_module(module).main(argv)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in EXTRA_MODULES[extra]:
             raise
-        name = "training" if extra == "train" else extra
         print(f"{prog} needs the {name} extra: pip install 'd2v[{extra}]'", file=sys.stderr)
         return 2
 
@@ -53,6 +60,10 @@ def import_hf_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     return run_with_extra("d2v.export.cli", "d2v-export", "export", argv)
+
+
+def bulk_main(argv: list[str] | None = None) -> int:
+    return run_with_extra("d2v_serve.bulk.cli", "d2v-bulk", "bulk", argv, checked=True)
 
 
 def eval_main(argv: list[str] | None = None) -> int:

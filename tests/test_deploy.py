@@ -370,7 +370,8 @@ def test_serving_venv_console_scripts(serving_venv: tuple[Path, Path]) -> None:
 
 
 NEEDS_EXTRA = {"d2v-train": ("training", "train"), "d2v-import-hf": ("training", "train"),
-               "d2v-export": ("export", "export"), "d2v-eval": ("eval", "eval")}
+               "d2v-export": ("export", "export"), "d2v-eval": ("eval", "eval"),
+               "d2v-bulk": ("bulk", "bulk")}
 
 
 @pytest.mark.parametrize("script", sorted(PYPROJECT["project"]["scripts"]))
