@@ -159,9 +159,9 @@ def units_per_position(meta: ModelFileMeta) -> int:
     return 1
 
 
-def flop_per_position(meta: ModelFileMeta) -> float:
+def flop_per_position(hidden_size: int, num_layers: int) -> float:
     """The Transformer's multiply-adds x 2 per position, attention scores aside: 12 d^2 per layer."""
-    return 24.0 * meta.hidden_size**2 * (meta.num_layers or 1)
+    return 24.0 * hidden_size**2 * (num_layers or 1)
 
 
 def batch_policy(config: ServerConfig, meta: ModelFileMeta, preprocessing: Preprocessing, max_tokens: int,
@@ -172,7 +172,7 @@ def batch_policy(config: ServerConfig, meta: ModelFileMeta, preprocessing: Prepr
     if fill_gflop < 0:
         fill_gflop = 0.0 if on_cuda else CPU_FILL_GFLOP
     unit = units_per_position(meta)
-    fill = int(fill_gflop * 1e9 / flop_per_position(meta) * unit)
+    fill = int(fill_gflop * 1e9 / flop_per_position(meta.hidden_size, meta.num_layers) * unit)
     common = dict(max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000.0,
                   sort_window=config.sort_window, max_queue=config.max_queue, max_padding=config.max_padding,
                   fill=fill, attention_length=6 * meta.hidden_size * unit)
