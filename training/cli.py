@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (see the README)
 
 Defaults are the published reference recipes (training/objectives/, docs/objectives.md); `--recipe short` tunes them
-for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the flags below and
+for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the command-line flags and
 `--set key.path=value` override them in that order. `--print-config` prints the resolved config as JSON and exits
 (no --data or --out needed).
 """
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if d.is_main:
             announce(cfg)  # once the data and the model are known to be usable
         trainer.run()
+        if d.is_main:
+            print(f"d2v-train: done at step {trainer.step}; checkpoint {ckpt_path} (export it: d2v-export {ckpt_path} "
+                  "-o model.onnx)", file=sys.stderr)
     except CollapseError as e:
         code = _fail(str(e), 3, d)
     except (ConfigError, CheckpointError) as e:

@@ -20,7 +20,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 def position_flops(enc: EncoderConfig) -> float:
-    return flop_per_position({"hidden_size": enc.hidden_size, "num_layers": enc.num_layers})
+    return flop_per_position(enc)  # type: ignore[arg-type] - it reads only hidden_size and num_layers
 
 
 def update_flops(enc: EncoderConfig, student_positions: int, teacher_positions: int) -> float:
