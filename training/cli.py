@@ -3,7 +3,7 @@
     d2v-train --modality audio --data wavs/ --preset tiny --steps 2000 --out runs/a
     d2v-train --modality text --data corpus.txt --preset small --steps 50000 --out runs/t --set masking.mask_span=4
     d2v-train --out runs/a --resume                      # continue DIR/ckpt.pt exactly where it stopped
-    torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (see the README)
+    torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (docs/training.md)
 
 Defaults are the published reference recipes (training/objectives/, docs/objectives.md); `--recipe short` tunes them
 for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the command-line flags and
