@@ -18,6 +18,8 @@ def test_docs_site_builds_strictly(tmp_path: Path) -> None:
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "site/configuration/index.html").is_file()
+    api = (tmp_path / "site/api/index.html").read_text()
+    assert "--8&lt;--" not in api and "speech.wav" in api  # examples/ included, not left as markers
 
 
 def test_configuration_page_is_current() -> None:
