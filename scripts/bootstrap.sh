@@ -22,7 +22,8 @@ ensure_commands() {
 editable_here() {
   local f
   for f in .venv/lib/python*/site-packages/d2v-*.dist-info/direct_url.json; do
-    [ -f "$f" ] && grep -q '"editable": *true' "$f" && grep -q "\"file://$PWD\"" "$f" && return 0
+    [ -f "$f" ] && grep -q '"editable": *true' "$f" || continue
+    grep -q -e "\"file://$PWD\"" -e "\"file://$(pwd -P)\"" "$f" && return 0  # the path as given, or resolved
   done
   return 1
 }
