@@ -80,6 +80,7 @@ def _embed_parser() -> argparse.ArgumentParser:
 def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
     """The inputs to send and a display name for each (the file path as given, the text, or stdin:N)."""
     from .client import Audio, Image, file_modality
+    from .media import MEDIA_SUFFIXES
 
     items: list[object] = []
     names: list[str] = []
@@ -99,8 +100,10 @@ def _collect_inputs(args: argparse.Namespace) -> tuple[list[object], list[str]]:
             try:
                 modality = file_modality(path, data)
             except ValueError:
+                hint = "; use --text to embed strings, or '-' to embed stdin's lines" if path.suffix.lower() in \
+                    MEDIA_SUFFIXES["text"] else ""
                 raise ValueError(f"input {len(items)}: not an audio or image file (unknown suffix and header) "
-                                 f"({arg})") from None
+                                 f"({arg}){hint}") from None
             items.append(Audio(data) if modality == "audio" else Image(data))
             names.append(arg)
     if not items:

@@ -89,9 +89,21 @@ def file_modality(path: Path, data: bytes) -> str:
         raise ValueError(f"{path}: not an audio or image file (unknown suffix and header)") from None
 
 
+def _check_not_a_file_name(text: str) -> None:
+    """A str is text, a Path is a file. A str that looks like a media file name and names an existing file is refused
+    rather than embedded as the words of its name (the CLI reads file arguments, so the mix-up is easy)."""
+    if len(text) > 4096 or any(c.isspace() for c in text):
+        return
+    suffix = Path(text).suffix.lower()
+    if (suffix in MEDIA_SUFFIXES["audio"] or suffix in MEDIA_SUFFIXES["image"]) and Path(text).is_file():
+        raise ValueError(f"{text!r} names a file, and a str is embedded as text: pass Path({text!r}) to embed the file")
+
+
 def to_input(x: InputLike) -> pb.Input:
-    """One client-side input as the proto Input."""
+    """One client-side input as the proto Input: a str is text, a path (Path, os.PathLike) or bytes an encoded audio
+    or image file. A str that names an existing audio or image file (`"speech.wav"`) raises ValueError."""
     if isinstance(x, str):
+        _check_not_a_file_name(x)
         return pb.Input(text=x)
     if isinstance(x, Audio):
         return pb.Input(audio=_read(x.data))

@@ -24,11 +24,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """`time level logger: message key=value ...`: the message and its extra fields (which model loaded, which ports
+    are open), less the full `config` object that JSON lines carry."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [f"{k}={v if isinstance(v, str | int | float | bool) else json.dumps(v, default=str)}"
+                  for k, v in vars(record).items() if k not in _STANDARD and k != "config"]
+        head, sep, tail = line.partition("\n")  # a traceback stays below the fields
+        return " ".join([head, *fields]) + sep + tail
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     """Route the `d2v_serve` loggers (and warnings from libraries) to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -106,17 +106,27 @@ class Server:
         enable_reflection([SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
         address = f"{cfg.host}:{cfg.port}"
         creds = server_credentials(cfg)
-        self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        try:
+            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpc.aio: "Failed to bind to address ..."
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen for gRPC on {address} (port in use? --port picks another)")
         await server.start()
         self._server = server
         if cfg.http_port:
-            self._http = HttpServer(create_app(self.core, cfg, lambda: self.serving), cfg)
+            try:
+                self._http = HttpServer(create_app(self.core, cfg, lambda: self.serving), cfg)
+            except OSError as exc:
+                raise OSError(f"{exc} (--http-port picks another; 0 turns HTTP off)") from None
             self.http_port = self._http.port
             await self._http.start()
         if cfg.metrics_port:
-            metrics.serve_metrics(cfg.metrics_port, cfg.metrics_host or cfg.host)
+            try:
+                metrics.serve_metrics(cfg.metrics_port, cfg.metrics_host or cfg.host)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on port {cfg.metrics_port}: {exc.strerror or exc} "
+                              "(--metrics-port picks another; 0 turns it off)") from None
         log.info("listening", extra={"port": self.port, "http_port": self.http_port, "tls": creds is not None,
                                      "auth": bool(interceptors), "models": list(self.models),
                                      "config": cfg.redacted()})

@@ -17,13 +17,27 @@ ensure_commands() {
 
 # The project is installed editable, so code changes need no reinstall; pyproject.toml changes (dependencies, console
 # scripts) do. A stamp of its hash per install spec skips pip when nothing changed (a restart in ~1 s, not ~13 s).
+# The stamp alone is not enough: a later `pip install .` (the README's install command, run with .venv active)
+# replaces the editable install with a copy, so the install must also still be this checkout's editable one.
+editable_here() {
+  local f
+  for f in .venv/lib/python*/site-packages/d2v-*.dist-info/direct_url.json; do
+    [ -f "$f" ] && grep -q '"editable": *true' "$f" || continue
+    grep -q -e "\"file://$PWD\"" -e "\"file://$(pwd -P)\"" "$f" && return 0  # the path as given, or resolved
+  done
+  return 1
+}
+
 ensure_venv() {
   local spec=$1
   local stamp=".venv/.d2v-installed-${spec//[^a-z]/_}"
   local want
   want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
   if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    return 0
+    if editable_here; then
+      return 0
+    fi
+    echo "note: .venv's d2v is no longer the editable install of $PWD (a later 'pip install .'?): reinstalling" >&2
   fi
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }

@@ -492,7 +492,11 @@ def test_venv_install_is_skipped_while_pyproject_is_unchanged(tmp_path: Path) ->
     calls = tmp_path / "calls"
     python = tmp_path / ".venv/bin/python"
     python.parent.mkdir(parents=True)
-    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    # like pip, an editable install leaves a direct_url.json that names this folder
+    info = tmp_path / ".venv/lib/python3.99/site-packages/d2v-0.dist-info"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncase "$*" in *"install -q -e"*) mkdir -p {info} && '
+                      f'printf \'{{"dir_info": {{"editable": true}}, "url": "file://%s"}}\' "$PWD" > '
+                      f'{info}/direct_url.json;; esac\n')
     python.chmod(0o755)
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
 
@@ -509,6 +513,9 @@ def test_venv_install_is_skipped_while_pyproject_is_unchanged(tmp_path: Path) ->
     assert ensure(".") == []
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
     assert ensure(".")[-1] == "-m pip install -q -e ."
+    (info / "direct_url.json").write_text('{"dir_info": {}, "url": "file:///elsewhere"}')  # `pip install .` over it
+    assert ensure(".")[-1] == "-m pip install -q -e ."
+    assert ensure(".") == []
 
 
 # ------------------------------------------------------------------------------------------------------ entrypoint

@@ -66,6 +66,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises anything on foreign bytes (KeyError, EOFError...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in reason or "Weights only load failed" in reason:
+            # torch's advice (load with weights_only=False) would run the file's code: d2v checkpoints never need it
+            reason = "it holds Python objects beyond tensors and plain values, which a d2v checkpoint never does"
         raise CheckpointError(f"{path}: not a readable d2v checkpoint (truncated or foreign file: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a d2v checkpoint (no '{FORMAT}' format marker)")

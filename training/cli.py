@@ -3,10 +3,10 @@
     d2v-train --modality audio --data wavs/ --preset tiny --steps 2000 --out runs/a
     d2v-train --modality text --data corpus.txt --preset small --steps 50000 --out runs/t --set masking.mask_span=4
     d2v-train --out runs/a --resume                      # continue DIR/ckpt.pt exactly where it stopped
-    torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (see the README)
+    torchrun --nproc_per_node 8 -m d2v.training.cli ...      # DDP (docs/training.md)
 
 Defaults are the published reference recipes (training/objectives/, docs/objectives.md); `--recipe short` tunes them
-for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the flags below and
+for a few thousand updates of a small model (docs/research.md); `--config FILE` (JSON/YAML), the command-line flags and
 `--set key.path=value` override them in that order. `--print-config` prints the resolved config as JSON and exits
 (no --data or --out needed).
 """
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if d.is_main:
             announce(cfg)  # once the data and the model are known to be usable
         trainer.run()
+        if d.is_main:
+            print(f"d2v-train: done at step {trainer.step}; checkpoint {ckpt_path} (export it: d2v-export {ckpt_path} "
+                  "-o model.onnx)", file=sys.stderr)
     except CollapseError as e:
         code = _fail(str(e), 3, d)
     except (ConfigError, CheckpointError) as e:

@@ -220,7 +220,9 @@ def _text_preprocessing(directory: Path, cfg: EncoderConfig) -> dict[str, Any]:
 def import_hf(directory: str | Path) -> tuple[dict[str, Any], list[str]]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise HFImportError(f"{directory}: not a directory")
+        raise HFImportError(f"{directory}: not a directory; d2v-import-hf reads a local copy of a checkpoint "
+                            "(config.json, weights, preprocessor files) and downloads nothing: fetch a hub id first "
+                            "(huggingface_hub's snapshot_download, or git clone) and pass that directory")
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise HFImportError(f"{directory}: no config.json")

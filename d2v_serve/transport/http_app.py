@@ -2,9 +2,9 @@
 
 Routes: OpenAI-compatible `POST /v1/embeddings` (mean pooled, L2-normalised float32, as OpenAI clients expect),
 `POST /v1/embed` (a JSON mirror of the gRPC Embed call), `GET /v1/models[/{id}]`, `GET /health` (200 only while
-SERVING), `GET /metrics`, and FastAPI's `/openapi.json` and `/docs`. Errors have OpenAI's shape,
+SERVING), `GET /metrics`, FastAPI's `/openapi.json`, `/docs` and `/redoc` (their assets served from the installed
+package), and `GET /` (where those are). Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code", "input_index"}}`, with `code` the gRPC status name in lower case.
-With a bearer token configured, everything under /v1/ needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -63,7 +64,8 @@ _HTTP_ONLY_CODES = {404: "not_found", 405: "unimplemented", 413: "resource_exhau
 _RETRY_AFTER_S = "1"  # on 429 and 503: the queue drains in milliseconds; a draining replica is gone in seconds
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 500, 503, 504)}
-_AUTH_EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")
+_AUTH_EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc")  # prefixes
+DOCS_STATIC = "/docs/static"
 _MEDIA_KINDS = {"audio": "audio", "image": "image"}  # data: URI type -> input kind
 _REQUEST_MODELS = (EmbeddingsRequest, EmbedBody)
 Body = TypeVar("Body", bound=BaseModel)
@@ -130,7 +132,7 @@ class BearerAuth:
         self._expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(_AUTH_EXEMPT):
+        if scope["type"] == "http" and scope["path"] != "/" and not scope["path"].startswith(_AUTH_EXEMPT):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self._expected):
                 response = error_response(401, "missing or invalid bearer token (Authorization: Bearer ...)",
@@ -310,9 +312,11 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
     """The ASGI app over `core`; `serving()` answers /health."""
     token = config.bearer_token()
     limit = config.max_message_mb * 2**20
-    app = FastAPI(title="d2v", version="1",
-                  description="Contextualized data2vec embeddings of text, images and audio. The same models, "
-                              "batchers and limits as the gRPC service d2v.v1.Embedder.")
+    # FastAPIOffline: FastAPI with /docs and /redoc whose scripts and styles come from the installed package (under
+    # /docs/static, auth-exempt with /docs), so they render air-gapped
+    app = FastAPIOffline(title="d2v", version="1", static_url=DOCS_STATIC,
+                         description="Contextualized data2vec embeddings of text, images and audio. The same models, "
+                                     "batchers and limits as the gRPC service d2v.v1.Embedder.")
     security = [Security(HTTPBearer(auto_error=False))] if token else []  # documents the scheme; BearerAuth checks
     app.add_middleware(BodyLimit, limit=limit)
     if token:
@@ -409,6 +413,11 @@ def create_app(core: EmbeddingCore, config: ServerConfig, serving: Callable[[], 
             return _json(_card(core.describe(model)))
         except ServeError as exc:
             return serve_error_response(exc)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> JSONResponse:
+        return JSONResponse({"service": "d2v", "docs": "/docs", "redoc": "/redoc", "openapi": "/openapi.json",
+                             "embeddings": "/v1/embeddings", "models": "/v1/models", "health": "/health"})
 
     @app.get("/health", summary="200 while SERVING (warmed up, workers alive, not draining), else 503")
     async def health() -> JSONResponse:
