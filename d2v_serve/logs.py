@@ -10,6 +10,12 @@ import time
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+def extra_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The fields a call passed as `extra=`: not the record's own, nor the private ones other libraries' record
+    factories add (Ray's `_ray_timestamp_ns`, in a process that imported it)."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -18,7 +24,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(extra_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -34,7 +40,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = [f"{k}={v if isinstance(v, str | int | float | bool) else json.dumps(v, default=str)}"
-                  for k, v in vars(record).items() if k not in _STANDARD and k != "config"]
+                  for k, v in extra_fields(record).items() if k != "config"]
         head, sep, tail = line.partition("\n")  # a traceback stays below the fields
         return " ".join([head, *fields]) + sep + tail
 
