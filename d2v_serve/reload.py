@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import metrics
+from .backend.runner import RuntimeSettings
 from .models.registry import Model, file_sha256, load_model, runtime_settings, start_worker
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class ModelReloader:
             asyncio.get_running_loop().call_later(SETTLE_S, self.request)
         return outcome
 
-    async def _consider(self, name: str, path: Path, old: Model | None, settings: object,
+    async def _consider(self, name: str, path: Path, old: Model | None, settings: RuntimeSettings,
                         new: dict[str, Model]) -> str:
         """Load `path` into `new` when it is a new version; returns its outcome ('' when unchanged)."""
         try:
