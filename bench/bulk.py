@@ -37,12 +37,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.engines import in_fresh_process
+from bench.server import D2vServer, cpu_seconds
 
-from bench.engines import in_fresh_process  # noqa: E402
-from bench.server import D2vServer, cpu_seconds  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS = ("the a ferry leaves harbour at dawn violin is tuned before concert snow covered quiet village she fixed "
          "bicycle chain with spanner data model speech image text").split()
