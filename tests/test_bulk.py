@@ -171,6 +171,72 @@ def test_ray_engine_matches_server(ray_local: None, client: Client, tmp_path: Pa
     check_against_server(client, out, modality, good, bad)
 
 
+def test_ray_engine_reads_parquet_row_groups_and_resumes_a_killed_wave(ray_local: None, tmp_path: Path) -> None:
+    """A Parquet text column read by Ray's read tasks (shards straddling row groups) gives the local engine's ids,
+    vectors and errors; a wave killed before its commit (a piece left in .staging, its shard not in the manifest) is
+    redone and nothing else."""
+    docs: list[str | None] = list(texts(45, seed=3))
+    docs[12], docs[31] = None, TOO_LONG
+    pq.write_table(pa.table({"body": pa.array(docs, pa.string())}), tmp_path / "d.parquet", row_group_size=7)
+    common = (tmp_path / "d.parquet", "--column", "body", "--model", "demo-text", "--shard-size", 10)
+    assert bulk(*common, "--out", tmp_path / "local") == 0
+    assert bulk(*common, "--out", tmp_path / "ray", "--engine", "ray", "--replicas", 2, "--batch-size", 4) == 0
+    local, ray = read_job(tmp_path / "local"), read_job(tmp_path / "ray")
+    assert ray.column("id").to_pylist() == local.column("id").to_pylist() == [i for i in range(45) if i not in (12, 31)]
+    np.testing.assert_allclose(np.asarray(ray.column("embedding").to_pylist()),
+                               np.asarray(local.column("embedding").to_pylist()), atol=1e-6)
+    assert errors_of(tmp_path / "ray") == errors_of(tmp_path / "local") and len(errors_of(tmp_path / "ray")) == 2
+
+    out = tmp_path / "ray"
+    manifest = json.loads((out / "manifest.json").read_text())
+    lost = manifest["finished"].pop("part-00003.parquet")  # shard 3 (rows 30-39, with the refused row 31)
+    manifest["errors_bytes"] = len("".join(json.dumps(e) + "\n" for e in errors_of(out)[:1]).encode())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "part-00003.parquet").rename(out / ".staging" / "part-00003.parquet.30")
+    assert lost == {"rows": 9, "errors": 1}
+    resumed = bulk(*common, "--out", out, "--engine", "ray", "--replicas", 2, "--batch-size", 4)
+    assert resumed == 0
+    assert read_job(out).column("id").to_pylist() == local.column("id").to_pylist()
+    assert errors_of(out) == errors_of(tmp_path / "local") and not any((out / ".staging").iterdir())
+
+
+def test_ray_commit_joins_a_shard_that_ray_wrote_in_pieces(tmp_path: Path) -> None:
+    """Ray's write tasks may cut a shard: the driver's commit joins its pieces in order (with their errors), and
+    refuses a shard whose rows did not all arrive."""
+    pytest.importorskip("ray", reason="the ray extra is part of the test install")
+    from d2v_serve.bulk.engines import JobFailed
+    from d2v_serve.bulk.job import JobDir, embedding_array, output_schema
+    from d2v_serve.bulk.ray_engine import Shard, ShardSink, commit_shard
+
+    schema = output_schema(4, "float32", False, False)
+
+    def block(first: int, n: int, bad: int = -1) -> pa.Table:
+        ordinals = list(range(first, first + n))
+        return pa.table({"ordinal": pa.array(ordinals, pa.int64()), "id": pa.array(ordinals, pa.int64()),
+                         "embedding": embedding_array([np.full(4, i, np.float32) for i in ordinals], 4, False),
+                         "positions": pa.array([3] * n, pa.int32()),
+                         "code": pa.array(["INVALID_ARGUMENT" if i == bad else None for i in ordinals], pa.string()),
+                         "reason": pa.array(["too long" if i == bad else None for i in ordinals], pa.string())})
+
+    job = JobDir.open(tmp_path / "out", {"job": 1})
+    job.staging.mkdir()
+    sink = ShardSink(job.staging, schema, 10, 1024)
+    pieces = sink.write([block(5, 7)], None) + sink.write([block(12, 8, bad=15)], None)  # shard 0's tail, shard 1
+    assert [(p["shard"], p["first"], p["count"]) for p in pieces] == [(0, 5, 5), (1, 10, 2), (1, 12, 8)]
+    with pytest.raises(JobFailed, match="part-00000.parquet: Ray wrote 5 of its 10 rows"):
+        commit_shard(job, Shard(0, 0, 10), pieces, schema, 1024)
+    assert commit_shard(job, Shard(1, 10, 10), pieces, schema, 1024) == (9, [
+        {"id": 15, "code": "INVALID_ARGUMENT", "reason": "too long"}])
+    table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
+    assert table.column("id").to_pylist() == [10, 11, 12, 13, 14, 16, 17, 18, 19]
+    assert [v[0] for v in table.column("embedding").to_pylist()] == [10, 11, 12, 13, 14, 16, 17, 18, 19]
+    assert errors_of(tmp_path / "out") == [{"id": 15, "code": "INVALID_ARGUMENT", "reason": "too long"}]
+    JobDir.open(tmp_path / "out", {"job": 1})  # a new run: the uncommitted piece of shard 0 goes
+    assert not (tmp_path / "out" / ".staging").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["errors.jsonl", "manifest.json",
+                                                                     "part-00001.parquet"]
+
+
 def test_per_position_float16_from_parquet_bytes(client: Client, tmp_path: Path) -> None:
     """Images as a Parquet bytes column (ids: row numbers), pooling none in float16: a list column of float16
     vectors, one per position, equal to the server's."""

@@ -5,7 +5,8 @@ shard is the same set of ids on every run. A shard is written to `part-NNNNN.par
 the file is synced and renamed, its errors are appended to errors.jsonl, then the manifest (rewritten through a
 temporary file and a rename) lists the shard with errors.jsonl's new length. A run that starts on a folder with a
 manifest first undoes whatever a killed run left past the last commit (temporary files, a renamed shard the manifest
-does not list, errors past the recorded length), so every id ends up in exactly one shard or one error line.
+does not list, errors past the recorded length, the Ray engine's staged files), so every id ends up in exactly one
+shard or one error line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from .sources import Failure, Record, Source, load
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+STAGING = ".staging"  # the Ray engine's write tasks' pieces, until the driver commits them as shards
 FORMAT = 1
 _BATCH_BYTES = 8 * 2**20  # a batch closes at this much input (encoded media), whatever its count
 _PROGRESS_EVERY_S = 5.0
@@ -111,7 +114,7 @@ class ShardWriter:
         """Rows already in the shard's schema (the Ray engine's)."""
         self.flush()
         if table.num_rows:
-            self._writer.write_table(table)
+            self._writer.write_table(table, row_group_size=self.rows_per_group)
             self.rows += table.num_rows
 
     def close(self) -> int:
@@ -172,7 +175,7 @@ class JobDir:
                 f.truncate(self.errors_bytes)
         for p in self.path.glob("*.tmp"):
             p.unlink()
-
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def _save(self) -> None:
         tmp = self.path / (MANIFEST + ".tmp")
@@ -183,6 +186,10 @@ class JobDir:
 
     def is_finished(self, shard: int) -> bool:
         return shard_name(shard) in self.finished
+
+    @property
+    def staging(self) -> Path:
+        return self.path / STAGING
 
     def tmp_path(self, shard: int) -> Path:
         return self.path / (shard_name(shard) + ".tmp")

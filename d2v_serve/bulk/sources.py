@@ -161,11 +161,33 @@ class Source:
 
         row = 0
         for batch in pq.ParquetFile(self.path).iter_batches(_PARQUET_BATCH_ROWS, columns=[self.column]):
-            for value in batch.column(0).to_pylist():
-                if self._binary:
-                    yield (Record(row, data=value) if value else Record(row, error=f"row {row} is empty"))
-                elif self.modality == "text":
-                    yield (Record(row, text=value) if value is not None else Record(row, error=f"row {row} is null"))
-                else:
-                    yield self._entry(row, value, f"row {row} has no path")
-                row += 1
+            yield from self._parquet_records(batch.column(0).to_pylist(), row)
+            row += batch.num_rows
+
+    def parquet_rows(self, first: int, count: int) -> list[Record]:
+        """Rows [first, first + count) of a Parquet input, reading only the row groups that hold them (what a Ray read
+        task reads, on the node that runs it)."""
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(self.path)
+        groups, start, group_start = [], 0, None
+        for i in range(file.metadata.num_row_groups):
+            rows = file.metadata.row_group(i).num_rows
+            if start < first + count and start + rows > first:
+                groups.append(i)
+                group_start = start if group_start is None else group_start
+            start += rows
+        if not groups:
+            return []
+        column = file.read_row_groups(groups, columns=[self.column]).column(0)
+        values = column.slice(first - group_start, count).to_pylist()  # type: ignore[operator] - set with groups
+        return list(self._parquet_records(values, first))
+
+    def _parquet_records(self, values: list[str | bytes | None], first: int) -> Iterator[Record]:
+        for row, value in enumerate(values, first):
+            if self._binary:
+                yield Record(row, data=value) if value else Record(row, error=f"row {row} is empty")  # type: ignore[arg-type]
+            elif self.modality == "text":
+                yield Record(row, text=value) if value is not None else Record(row, error=f"row {row} is null")  # type: ignore[arg-type]
+            else:
+                yield self._entry(row, value, f"row {row} has no path")  # type: ignore[arg-type]
