@@ -168,7 +168,7 @@ def _markers(name: str) -> tuple[str, str]:
 def doc_sections(text: str) -> list[str]:
     """The names of a page's bench-written sections, in order (`<!-- bench:NAME -->` ... `<!-- /bench:NAME -->`;
     NAME is the bench module that writes it, optionally `MODULE:PART`)."""
-    return re.findall(r"<!-- bench:([\w:-]+) -->", text)
+    return re.findall(r"^<!-- bench:([\w:-]+) -->$", text, flags=re.MULTILINE)
 
 
 def replace_doc_section(text: str, name: str, body: str) -> str:
