@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import report
 from bench.engines import in_fresh_process
 from bench.server import D2vServer, cpu_seconds
 
@@ -200,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("speed", "ray", "memory"), action="append",
                    help="run only these parts (repeatable; default: all)")
     p.add_argument("--json", type=Path, default=ROOT / "runs" / "bench-bulk.json")
+    p.add_argument("--write-docs", action="store_true", help="write the run's tables into docs/benchmarks.md")
     args = p.parse_args(argv)
     parts = set(args.only or ("speed", "ray", "memory"))
+    if args.write_docs:
+        report.check_doc_sections(["bulk", "bulk:memory"])
 
     from d2v_serve.bulk.cli import model_file
 
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.write_docs:
+        report.write_doc_sections(report.bulk_sections(results))
     return 0
 
 

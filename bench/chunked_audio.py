@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.models import DEFAULT_DIR, ensure_models
+from bench.report import check_doc_sections, markdown_table, write_doc_sections
 from bench.server import D2vServer
 from d2v_serve.client import Client, Pcm
 from d2v_serve.core.chunking import DEFAULT_AUDIO_OVERLAP_S, audio_windows
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--server-args", default="", help="extra d2v-serve flags")
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args(argv)
+    if args.write_docs:
+        check_doc_sections(["chunked_audio"])
 
     directory = ensure_models(["audio"], args.preset, args.models_dir)
     model_file = directory / "audio.onnx"
@@ -116,7 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.write_docs:
+        write_doc_sections({"chunked_audio": chunked_table(best, server_cpu, len(windows), args.minutes)})
     return 0
+
+
+def chunked_table(seconds: dict[str, float], server_cpu: dict[str, float], windows: int, minutes: float) -> str:
+    def ratio_row(label: str, other: str) -> list[str]:
+        return [f"**chunked / {label}**", f"**{seconds[other] / seconds['chunked']:.2f}x the speed**",
+                f"{server_cpu['chunked'] / server_cpu[other]:.2f}"]
+
+    return markdown_table(
+        [f"{minutes:g} min of audio as", "wall s", "server CPU s"],
+        [[f"one chunked `Embed` call ({windows} windows)", f"{seconds['chunked']:.1f}", f"{server_cpu['chunked']:.2f}"],
+         [f"{windows} separate calls, all in flight", f"{seconds['separate_concurrent']:.1f}",
+          f"{server_cpu['separate_concurrent']:.2f}"],
+         [f"{windows} separate calls, one after another", f"{seconds['separate_sequential']:.1f}",
+          f"{server_cpu['separate_sequential']:.2f}"],
+         ratio_row("separate in flight", "separate_concurrent"),
+         ratio_row("separate one by one", "separate_sequential")])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import report
 from bench.server import D2vServer
 from bench.workloads import texts
 from d2v_serve.cli import DEMO_MODELS
@@ -54,7 +55,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--tokens", type=int, default=24, help="tokens per text")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
+    if args.write_docs:
+        report.check_doc_sections(["compact_vectors"])
 
     meta = read_metadata(args.model)
     rng = np.random.default_rng(args.seed)
@@ -76,10 +80,12 @@ def main() -> None:
                      f"top{args.k}_overlap": round(overlap(reference, found), 3)})
     print(f"model {name} (hidden {meta.hidden_size}), {args.corpus} texts of {args.tokens} tokens, "
           f"{args.queries} queries, seed {args.seed}")
-    print(f"| encoding | bytes per vector | top-{args.k} overlap with float32 |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['encoding']} | {row['bytes']} | {row[f'top{args.k}_overlap']} |")
+    table = report.markdown_table(["encoding", "bytes per vector", f"top-{args.k} overlap with float32"],
+                                  [[row["encoding"], row["bytes"], str(row[f"top{args.k}_overlap"])] for row in rows])
+    print(table)
     print(json.dumps(rows))
+    if args.write_docs:
+        report.write_doc_sections({"compact_vectors": table})
 
 
 if __name__ == "__main__":

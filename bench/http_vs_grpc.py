@@ -25,6 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from bench import report  # noqa: E402
 from bench.server import D2vServer, run_loadgen  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 
@@ -53,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3, help="gRPC then HTTP, this many times")
     p.add_argument("--server-args", default="", help="extra d2v-serve flags")
+    p.add_argument("--write-docs", action="store_true", help="write the medians' table into docs/benchmarks.md")
     return p
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model_file.is_file() or args.rounds < 1 or args.concurrency < 1:
         print("bench.http_vs_grpc: --model-file must exist, --rounds and --concurrency >= 1", file=sys.stderr)
         return 2
+    if args.write_docs:
+        report.check_doc_sections(["http_vs_grpc"])
     model = args.model_file.stem
     runs: list[dict[str, Any]] = []
     with D2vServer([args.model_file], args.server_args.split()) as server:
@@ -95,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {model} | {args.workload} | {args.concurrency} | {rate['grpc']:.0f} | {rate['http']:.0f} | "
           f"{rate['http'] / rate['grpc']:.2f} | {server_ms['grpc']:.2f} | {server_ms['http']:.2f} | "
           f"{client_ms['grpc']:.2f} | {client_ms['http']:.2f} |")
+    if args.write_docs:
+        report.write_doc_sections({"http_vs_grpc": report.markdown_table(
+            ["transport", "items/s", "server CPU per call", "load generator CPU per call"],
+            [["gRPC `Embed`", f"{rate['grpc']:.0f}", f"{server_ms['grpc']:.2f} ms", f"{client_ms['grpc']:.2f} ms"],
+             ["HTTP `/v1/embeddings`", f"{rate['http']:.0f}", f"{server_ms['http']:.2f} ms",
+              f"{client_ms['http']:.2f} ms"],
+             ["**HTTP / gRPC**", f"**{rate['http'] / rate['grpc']:.2f}**",
+              f"{server_ms['http'] / server_ms['grpc']:.2f}", f"{client_ms['http'] / client_ms['grpc']:.2f}"]])})
     return 0
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.stats import ratio
@@ -151,3 +154,85 @@ def render(results: dict[str, Any]) -> str:
                                     [[g["goal"], g["value"], g["target"], met_label(g["met"])]
                                      for g in results["goals"]]))
     return "\n\n".join(parts) + "\n"
+
+
+# ---- the docs' figures ----------------------------------------------------------------------------------------
+
+BENCHMARKS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def doc_sections(text: str) -> list[str]:
+    """The names of a page's bench-written sections, in order (`<!-- bench:NAME -->` ... `<!-- /bench:NAME -->`;
+    NAME is the bench module that writes it, optionally `MODULE:PART`)."""
+    return re.findall(r"^<!-- bench:([\w:-]+) -->$", text, flags=re.MULTILINE)
+
+
+def replace_doc_section(text: str, name: str, body: str) -> str:
+    """The page with one marked section's contents replaced by body; ValueError (one line) if its markers are not
+    there once each, in order."""
+    start, end = _markers(name)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(end) < text.index(start):
+        raise ValueError(f"no single '{start}' ... '{end}' section")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{body.strip(chr(10))}\n{end}{tail}"
+
+
+def check_doc_sections(names: Sequence[str], page: Path = BENCHMARKS_PAGE) -> None:
+    """Before a long run with --write-docs: exit with one line if the page lacks a section the run will write."""
+    text = page.read_text()
+    for name in names:
+        try:
+            replace_doc_section(text, name, "")
+        except ValueError as e:
+            raise SystemExit(f"--write-docs: {page.name}: {e}") from None
+
+
+def write_doc_sections(sections: dict[str, str], page: Path = BENCHMARKS_PAGE) -> None:
+    """Replace each named section of the page with its markdown (the figures of the run just made)."""
+    check_doc_sections(list(sections), page)
+    text = page.read_text()
+    for name, body in sections.items():
+        text = replace_doc_section(text, name, body)
+    page.write_text(text)
+    print(f"wrote {', '.join(sections)} into {page}", file=sys.stderr)
+
+
+def bulk_sections(results: dict[str, Any]) -> dict[str, str]:
+    """bench.bulk's tables for docs/benchmarks.md: `bulk` (speed and Ray, when both ran) and `bulk:memory`."""
+    sections = {}
+    if "raw_ort" in results and "ray" in results:
+        raw, ratios, ray = results["raw_ort"], results["ratios"], results["ray"]
+        best = raw["best"]
+        others = ", ".join(f"{r['batch']}: {r['items_per_cpu_s']:.0f}" for r in raw["batches"]
+                           if r["batch"] != best["batch"])
+        local, loop, via = results["local"], results["server_loop"], results["bulk_via_server"]
+        counts = " / ".join(f"{n} replica{'s' if n != '1' else ''}" for n in ray)
+        rows = [
+            (f"raw ORT, best batch ({best['batch']}; {others})", f"{best['items_per_cpu_s']:.0f}",
+             f"{best['items_per_s']:.0f}"),
+            ("`d2v-bulk --engine local` (the whole job: read, tokenize, batch, run, pool, write Parquet)",
+             f"{local['items_per_cpu_s']:.0f}", f"{local['job_items_per_s']:.0f}"),
+            ("a loop of `Client.embed_stream` (1000 texts a call, 64 a message, vectors to Parquet) + `d2v-serve`",
+             f"{loop['items_per_cpu_s']:.0f}", f"{loop['items_per_s']:.0f}"),
+            ("`d2v-bulk --server` on the same server", f"{via['items_per_cpu_s']:.0f}",
+             f"{via['job_items_per_s']:.0f}"),
+            ("**local / raw ORT** (target >= 0.95)", f"**{ratios['local_vs_raw_ort']:.2f}x**", ""),
+            ("**local / embed_stream loop** (target >= 1.2)", f"**{ratios['local_vs_server_loop']:.2f}x**", ""),
+            (f"Ray, {counts} (`--threads 1` each), job items/s", "",
+             " / ".join(f"{r['job_items_per_s']:.0f}" for r in ray.values())),
+        ]
+        if "ray_2_vs_1" in ratios:
+            rows.append(("**Ray 2 replicas / 1** (target >= 1.6)", "", f"**{ratios['ray_2_vs_1']:.2f}x**"))
+        sections["bulk"] = markdown_table(["contender", "items / CPU-s", "items/s (wall)"], rows)
+    if results.get("memory"):
+        sections["bulk:memory"] = markdown_table(
+            ["texts", "peak RSS MiB", "wall s"],
+            [(f"{int(n):,}", f"{m['peak_rss_mb']:.1f}", f"{m['job_wall_s']:.1f}")
+             for n, m in results["memory"].items()])
+    return sections
+

@@ -12,11 +12,13 @@ import argparse
 import http.server
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
+from bench import report
 from bench.server import D2vServer, run_loadgen
 from d2v_serve.cli import DEMO_MODELS
 
@@ -54,7 +56,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline", type=Path, help="an older checkout to measure beside (its d2v_serve is imported)")
+    p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args()
+    if args.write_docs:
+        report.check_doc_sections(["tracing_overhead"])
 
     collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
@@ -62,7 +67,10 @@ def main() -> None:
         cases: dict[str, dict] = {"off": {}, "on": {"extra_args": [
             "--otlp-endpoint", f"http://127.0.0.1:{collector.server_port}"]}}
         if args.baseline:
-            cases = {"baseline": {"executable": baseline_executable(args.baseline, tmp)}, **cases}
+            commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True).stdout.strip()
+            label = f"baseline ({commit})" if commit else "baseline"
+            cases = {label: {"executable": baseline_executable(args.baseline, tmp)}, **cases}
         rates: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, kwargs in cases.items():
@@ -75,10 +83,14 @@ def main() -> None:
     median = {name: statistics.median(r) for name, r in rates.items()}
     print(f"{args.workload} on {args.model.stem}, concurrency {args.concurrency}, {args.rounds} interleaved rounds "
           f"of {args.duration:g} s; OTLP exports received: {_Collector.exports}")
-    print("| server | items/s (median) | rounds | vs tracing off |\n|---|---|---|---|")
-    for name, rate in median.items():
-        print(f"| {name} | {rate:.0f} | {', '.join(f'{r:.0f}' for r in rates[name])} | {rate / median['off']:.3f} |")
+    table = report.markdown_table(
+        ["server", "items/s (median)", "rounds", "vs tracing off"],
+        [[name, f"{rate:.0f}", ", ".join(f"{r:.0f}" for r in rates[name]), f"{rate / median['off']:.3f}"]
+         for name, rate in median.items()])
+    print(table)
     print(json.dumps({"rates": rates, "exports": _Collector.exports}))
+    if args.write_docs:
+        report.write_doc_sections({"tracing_overhead": table})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Is it the regression objective? The topic corpus on the simplest model that can learn topics (docs/quality.md).
+"""Is it the regression objective? The topic corpus on the simplest model that can learn topics (docs/research.md).
 
     .venv/bin/python -m research.text_bag --out runs/text-bag                 # every objective, JSON to OUT/bag.json
     .venv/bin/python -m research.text_bag --out runs/text-bag ce regress-random

@@ -13,8 +13,8 @@ Results are appended to OUT/results.jsonl, one JSON line per run, and drawn to O
 
 Diagnostics that replaced parts of the objective at run time (masked language modelling, a batch-normed target,
 a document-level term beside data2vec's) were dropped when the lab moved out of the package: research uses public
-options only. Their findings stay in docs/quality.md. "defaults" is the reference now (docs/objectives.md); the
-figures in docs/quality.md were measured with the defaults of commit 2dbf5b9 (text: the reference's EMA, loss and
+options only. Their findings are in docs/research.md. "defaults" is the reference now (docs/objectives.md); the
+figures in docs/research.md were measured with the defaults of commit 2dbf5b9 (text: the reference's EMA, loss and
 targets with 15 % BERT masking and a 1 % warmup).
 `--lsa` prints a reference instead: a 64-component truncated SVD of the train split's document-word counts (LSA),
 mean-pooled and probed like the model: what word co-occurrence alone gives at tiny's width, next to a random
@@ -51,7 +51,7 @@ DOC_HEAD = ["--set", "head_input=document"]
 EMB_LR = ["--set", "embed_lr_scale=15"]
 OWN_TEACHER = ["--set", "teacher.copy=[]", "--set", "ema_decay=0.99999", "--set", "ema_end_decay=0.99999"]
 D2V2_SHORT = D2V2 + ["--recipe", "short"]
-# the recipe as the fifth round ran it, before it took data2vec2's text values of its own (batch 32, M 4, no decoder)
+# the recipe before it took data2vec2's text values of its own (batch 32, M 4, no decoder)
 D2V2_SHORT_5 = D2V2_SHORT + ["--set", "batch_size=8", "--set", "masking.num_masks=8", "--set", "decoder.layers=5"]
 INSTANCE = ["--set", "model.target_norm=instance"]  # data2vec2's own text targets, which the recipe replaces
 B32_M2 = ["--set", "batch_size=32", "--set", "masking.num_masks=2"]
@@ -66,7 +66,7 @@ CANDIDATES: dict[str, tuple[list[str], int]] = {
     "wd-0.1": (["--set", "weight_decay=0.1"], STEPS),
     "emb-lr-x5": (["--set", "embed_lr_scale=5"], STEPS),
     # without the token term nothing keeps the token targets apart: the guard stops it at update 640, so it is off
-    # fourth round: the short recipe's three changes, alone, in pairs and together (d2v-train --recipe short)
+    # the short recipe's three changes, alone, in pairs and together (d2v-train --recipe short)
     "doc-head-3000": (DOC_HEAD, 3000),
     "emb-lr-x15-3000": (EMB_LR, 3000),
     "doc-head+emb-lr-x15-3000": (DOC_HEAD + EMB_LR, 3000),
@@ -89,7 +89,7 @@ CANDIDATES: dict[str, tuple[list[str], int]] = {
     "d2v2-decoder-1x3": (D2V2 + ["--set", "decoder.layers=1", "--set", "decoder.kernel=3"], STEPS),
     "d2v2-masks-16": (D2V2 + ["--set", "masking.num_masks=16"], STEPS),
     "d2v2-mask-0.8": (D2V2 + ["--set", "masking.mask_prob=0.8"], STEPS),
-    # data2vec 2.0 and the short recipe (fifth round): first the recipe's changes without its document head (as
+    # data2vec 2.0 and the short recipe: first the recipe's changes without its document head (as
     # --set), then the recipe with data2vec2's instance-normed targets (the recipe before it set layer norm), then the
     # recipe as it is; 2500 data2vec2 updates take about short-3000's CPU time
     "d2v2-short-no-doc-head": (D2V2 + OWN_TEACHER + EMB_LR + ["--set", "masking.mask_prob=0.5"], STEPS),
@@ -107,7 +107,7 @@ CANDIDATES: dict[str, tuple[list[str], int]] = {
     "d2v2-short-lr1e-3-1000": (D2V2_SHORT_5 + ["--lr", "1e-3"], 1000),
     "d2v2-short-b32-m2-lr1e-3-1000": (D2V2_SHORT_5 + B32_M2 + ["--lr", "1e-3"], 1000),
     "d2v2-short-2500": (D2V2_SHORT_5, 2500),
-    # sixth round: the decoder and the batch under the document head, then the recipe as it is now
+    # the decoder and the batch under the document head, then the recipe as it is now
     "d2v2-short-dec1-1000": (D2V2_SHORT_5 + ["--set", "decoder.layers=1"], 1000),
     "d2v2-short-dec0-1000": (D2V2_SHORT_5 + ["--set", "decoder.layers=0"], 1000),
     "d2v2-short-b32-m1-1000": (D2V2_SHORT_5 + ["--set", "batch_size=32", "--set", "masking.num_masks=1"], 1000),

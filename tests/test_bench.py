@@ -308,6 +308,83 @@ def test_markdown_numbers():
     assert report.markdown_number(None) == "-" and report.markdown_number(float("nan")) == "-"
 
 
+# ---- the docs' bench-written sections -------------------------------------------------------------------------
+
+PAGE = """# Bench
+intro
+<!-- bench:compact_vectors -->
+| old | table |
+<!-- /bench:compact_vectors -->
+between
+<!-- bench:bulk:memory -->
+old memory
+<!-- /bench:bulk:memory -->
+end
+"""
+
+
+def test_doc_section_writer_replaces_only_its_section(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(PAGE)
+    report.write_doc_sections({"compact_vectors": "| new | table |\n|---|---|\n"}, page)
+    text = page.read_text()
+    assert "<!-- bench:compact_vectors -->\n| new | table |\n|---|---|\n<!-- /bench:compact_vectors -->" in text
+    assert "old table" not in text
+    assert text.replace("| new | table |\n|---|---|", "| old | table |") == PAGE  # the rest byte for byte
+    report.write_doc_sections({"bulk:memory": "new memory"}, page)
+    assert page.read_text().count("new memory") == 1 and "old memory" not in page.read_text()
+    assert report.doc_sections(page.read_text()) == ["compact_vectors", "bulk:memory"]
+
+
+@pytest.mark.parametrize("text", [PAGE.replace("<!-- /bench:compact_vectors -->", ""),
+                                  PAGE.replace("<!-- bench:compact_vectors -->", ""),
+                                  PAGE + "<!-- bench:compact_vectors -->\n<!-- /bench:compact_vectors -->\n"])
+def test_a_missing_or_doubled_marker_is_a_one_line_error(tmp_path, text):
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        report.write_doc_sections({"compact_vectors": "x"}, page)
+    message = str(e.value)
+    assert "\n" not in message and "bench:compact_vectors" in message and "page.md" in message
+    assert page.read_text() == text  # nothing written
+    with pytest.raises(SystemExit):  # the check a script makes before its run
+        report.check_doc_sections(["tracing_overhead"], page)
+
+
+def test_every_bench_section_of_the_benchmarks_page_names_a_bench_module_that_writes_it():
+    text = report.BENCHMARKS_PAGE.read_text()
+    names = report.doc_sections(text)
+    assert names, "docs/benchmarks.md has no bench-written section"
+    for name in names:
+        module = name.split(":")[0]
+        source = ROOT / "bench" / f"{module}.py"
+        assert source.is_file(), f"section {name!r}: no bench/{module}.py"
+        assert "--write-docs" in source.read_text(), f"bench/{module}.py has no --write-docs"
+        report.replace_doc_section(text, name, "")  # one opening and one closing marker, in order
+    assert len(names) == len(set(names))
+
+
+def test_bulk_sections_render_the_runs_tables():
+    results = {
+        "raw_ort": {"batches": [{"batch": 8, "items_per_s": 1500.0, "items_per_cpu_s": 2145.0},
+                                {"batch": 16, "items_per_s": 1595.0, "items_per_cpu_s": 2166.0}],
+                    "best": {"batch": 16, "items_per_s": 1595.0, "items_per_cpu_s": 2166.0}},
+        "local": {"items": 20000, "job_items_per_s": 667.2, "items_per_cpu_s": 1344.0},
+        "server_loop": {"items_per_s": 452.0, "items_per_cpu_s": 1251.0},
+        "bulk_via_server": {"job_items_per_s": 416.0, "items_per_cpu_s": 1222.0},
+        "ray": {"1": {"job_items_per_s": 378.0}, "2": {"job_items_per_s": 723.0}},
+        "ratios": {"local_vs_raw_ort": 0.62, "local_vs_server_loop": 1.074, "ray_2_vs_1": 1.913},
+        "memory": {"10000": {"peak_rss_mb": 246.6, "job_wall_s": 13.9}},
+    }
+    sections = report.bulk_sections(results)
+    assert "| raw ORT, best batch (16; 8: 2145) | 2166 | 1595 |" in sections["bulk"]
+    assert "| **local / embed_stream loop** (target >= 1.2) | **1.07x** |  |" in sections["bulk"]
+    assert "| Ray, 1 replica / 2 replicas (`--threads 1` each), job items/s |  | 378 / 723 |" in sections["bulk"]
+    assert sections["bulk:memory"].splitlines()[-1] == "| 10,000 | 246.6 | 13.9 |"
+    del results["ray"]
+    assert list(report.bulk_sections(results)) == ["bulk:memory"]  # no half table
+
+
 # ---- arguments ------------------------------------------------------------------------------------------------
 
 
