@@ -200,6 +200,21 @@ def test_ray_engine_reads_parquet_row_groups_and_resumes_a_killed_wave(ray_local
     assert errors_of(out) == errors_of(tmp_path / "local") and not any((out / ".staging").iterdir())
 
 
+def test_parquet_blocks_are_the_rows_of_a_range(tmp_path: Path) -> None:
+    """What a Ray read task reads: any row range of a Parquet input, across row groups, in blocks of at most the
+    asked size, equal to those rows of a whole pass."""
+    from d2v_serve.bulk.sources import Source
+
+    values = [f"text {i}" if i % 13 else None for i in range(100)]
+    pq.write_table(pa.table({"text": pa.array(values, pa.string())}), tmp_path / "t.parquet", row_group_size=7)
+    source = Source(tmp_path / "t.parquet", "text")
+    every = list(source)
+    for first, count, step in [(0, 100, 16), (10, 10, 4), (33, 40, 256), (95, 5, 2), (7, 7, 7)]:
+        blocks = list(source.parquet_blocks(first, count, step))
+        assert [r for b in blocks for r in b] == every[first: first + count]
+        assert all(len(b) <= step for b in blocks)
+
+
 def test_ray_commit_joins_a_shard_that_ray_wrote_in_pieces(tmp_path: Path) -> None:
     """Ray's write tasks may cut a shard: the driver's commit joins its pieces in order (with their errors), and
     refuses a shard whose rows did not all arrive."""

@@ -98,13 +98,14 @@ class ShardSource(Datasource):
         source, id_type, step = self.source, self.id_type, self.block_rows
 
         def read() -> Iterable[pa.Table]:
-            for first in range(shard.first, shard.first + shard.count, step):
-                count = min(step, shard.first + shard.count - first)
-                if shard.records is None:
-                    records = source.parquet_rows(first, count)
-                else:
-                    records = shard.records[first - shard.first: first - shard.first + count]
+            if shard.records is None:
+                blocks = source.parquet_blocks(shard.first, shard.count, step)
+            else:
+                blocks = (shard.records[i: i + step] for i in range(0, shard.count, step))
+            first = shard.first
+            for records in blocks:
                 yield _records_table(first, records, id_type)
+                first += len(records)
 
         return read
 

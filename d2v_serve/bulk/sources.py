@@ -164,24 +164,32 @@ class Source:
             yield from self._parquet_records(batch.column(0).to_pylist(), row)
             row += batch.num_rows
 
-    def parquet_rows(self, first: int, count: int) -> list[Record]:
-        """Rows [first, first + count) of a Parquet input, reading only the row groups that hold them (what a Ray read
-        task reads, on the node that runs it)."""
+    def parquet_blocks(self, first: int, count: int, block_rows: int) -> Iterator[list[Record]]:
+        """Rows [first, first + count) of a Parquet input in lists of `block_rows`, reading only the row groups that
+        hold them, a batch at a time (what a Ray read task reads, on the node that runs it)."""
         import pyarrow.parquet as pq
 
         file = pq.ParquetFile(self.path)
-        groups, start, group_start = [], 0, None
+        groups, start, row = [], 0, -1
         for i in range(file.metadata.num_row_groups):
             rows = file.metadata.row_group(i).num_rows
             if start < first + count and start + rows > first:
                 groups.append(i)
-                group_start = start if group_start is None else group_start
+                row = start if row < 0 else row
             start += rows
-        if not groups:
-            return []
-        column = file.read_row_groups(groups, columns=[self.column]).column(0)
-        values = column.slice(first - group_start, count).to_pylist()  # type: ignore[operator] - set with groups
-        return list(self._parquet_records(values, first))
+        pending: list[Record] = []
+        for batch in file.iter_batches(block_rows, row_groups=groups, columns=[self.column]) if groups else ():
+            lo, hi = max(first - row, 0), min(first + count - row, batch.num_rows)
+            if hi > lo:
+                pending += self._parquet_records(batch.column(0).slice(lo, hi - lo).to_pylist(), row + lo)
+            row += batch.num_rows
+            while len(pending) >= block_rows:
+                yield pending[:block_rows]
+                pending = pending[block_rows:]
+            if row >= first + count:
+                break
+        if pending:
+            yield pending
 
     def _parquet_records(self, values: list[str | bytes | None], first: int) -> Iterator[Record]:
         for row, value in enumerate(values, first):
