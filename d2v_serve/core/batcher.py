@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,7 @@ class Item:
     deadline: float | None = None  # time.monotonic() value
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
+    work: float = 0.0  # policy.work(length), set when queued
 
 
 @dataclass
@@ -105,6 +107,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: list[Item] = []  # arrival order
         self._queued_cost = 0.0
+        self._next_deadline = math.inf  # no queued input expires before this (it may be earlier than the soonest)
+        self._cancelled = False  # some queued input's call may have been cancelled since the last sweep
         self._admitted = 0  # reserved slots: inputs being preprocessed or queued
         self._returning = 0  # inputs answered lately whose clients have not come back yet (closed loops do)
         self._free_since = 0.0  # when the session last finished a batch
@@ -160,11 +164,20 @@ class Batcher:
             if self.state == "dead":
                 self._admitted -= len(items)
                 raise unavailable(f"model {self.name} is down (its worker stopped)")
+            work = self.policy.work
             for item in items:
                 item.enqueued = now
-                self._queued_cost += self.policy.work(item.length)
+                item.work = work(item.length)
+                self._queued_cost += item.work
+                if item.deadline is not None and item.deadline < self._next_deadline:
+                    self._next_deadline = item.deadline
             self._queue.extend(items)
             self._cond.notify()
+
+    def cancelled(self) -> None:
+        """Some queued inputs' call was cancelled (their futures are): the next batch formation drops them."""
+        with self._cond:
+            self._cancelled = True
 
     def close(self, timeout: float | None = None) -> None:
         """Finish everything admitted, then stop the worker."""
@@ -202,6 +215,7 @@ class Batcher:
             queued, self._queue = self._queue, []
             self._admitted -= len(queued)
             self._queued_cost = 0.0
+            self._next_deadline = math.inf
         for item in queued:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(unavailable(f"model {self.name} is down (its worker stopped)"))
@@ -223,7 +237,7 @@ class Batcher:
                     if not self._queue:
                         continue
                     batch = self._select()
-                    self._remove(batch)
+                    self._remove(batch, self.policy.sort_window)
                     batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
                     if batch:
                         return batch
@@ -254,8 +268,13 @@ class Batcher:
         return due - now
 
     def _drop_expired(self, now: float) -> None:
-        """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed."""
+        """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed. The queue is
+        swept only when one may have (a cancellation was reported, or the soonest deadline is due): a sweep per
+        batch costs as much as the rest of batch formation on a deep queue."""
+        if not self._cancelled and now < self._next_deadline:
+            return
         dropped = []
+        soonest = math.inf
         for item in self._queue:
             if item.future.cancelled():
                 dropped.append(item)
@@ -266,13 +285,20 @@ class Batcher:
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(deadline_exceeded(
                         f"deadline passed after {now - item.enqueued:.3f} s in the queue of model {self.name}"))
+            elif item.deadline is not None and item.deadline < soonest:
+                soonest = item.deadline
+        self._cancelled, self._next_deadline = False, soonest
         if dropped:
             self._remove(dropped)
 
-    def _remove(self, items: list[Item]) -> None:
+    def _remove(self, items: list[Item], within: int = 0) -> None:
+        """Take `items` off the queue; `within`: they are all among its first `within` (the sort window)."""
         gone = {id(it) for it in items}
-        self._queue = [it for it in self._queue if id(it) not in gone]
-        self._queued_cost = max(0.0, self._queued_cost - sum(self.policy.work(it.length) for it in items))
+        if 0 < within < len(self._queue):
+            self._queue = [it for it in self._queue[:within] if id(it) not in gone] + self._queue[within:]
+        else:
+            self._queue = [it for it in self._queue if id(it) not in gone]
+        self._queued_cost = max(0.0, self._queued_cost - sum(it.work for it in items))
         self._admitted -= len(items)
 
     def _select(self) -> list[Item]:
@@ -285,8 +311,8 @@ class Batcher:
         p = self.policy
         window = self._queue[: p.sort_window]
         lengths = [it.length for it in window]
-        work = [p.work(n) for n in lengths]
-        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
+        work = [it.work for it in window]
+        order = sorted(range(len(window)), key=lengths.__getitem__)  # stable: equal lengths in arrival order
         lo = hi = order.index(0)
         longest, useful, count = lengths[0], work[0], 1
         while count < p.max_batch_size:
