@@ -76,7 +76,7 @@ class BatchPolicy:
         return min(n, max(self.max_length, length)) if self.max_length else n
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     """One prepared input waiting for the model. `finish` maps its [positions, hidden] output to the result."""
 
