@@ -2,7 +2,7 @@
 
 The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
 inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
-order (within a window of queued inputs) while what it will compute (inputs x longest, attention's length-squared
+order (within a window of queued inputs, kept sorted by length as they arrive) while what it will compute (inputs x longest, attention's length-squared
 term included) stays within the fill target and the budget, and its padded share within `max_padding`. A batch
 that is not full waits, at most `max_delay_s`, only while more inputs are known to be on their way (inputs being
 preprocessed, or as many as the last batches answered: closed-loop clients come back), so a tiny batch does not start
@@ -12,7 +12,9 @@ batch at a time, overlapping the next run.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
+import itertools
 import logging
 import math
 import threading
@@ -44,7 +46,7 @@ class BatchPolicy:
     length_buckets: int = 0  # batch lengths round up to one of this many per doubling (0: exact lengths)
     max_length: int = 0  # padding never goes beyond this (text: the model's positions); 0: no cap
     max_delay_s: float = 0.002
-    sort_window: int = 512
+    sort_window: int = 2048
     max_queue: int = 2048
 
     @property
@@ -88,6 +90,7 @@ class Item:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
     work: float = 0.0  # policy.work(length), set when queued
+    seq: int = 0  # arrival number, set when queued
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Batcher:
         self._on_death = on_death
         self._cond = threading.Condition()
         self._queue: list[Item] = []  # arrival order
+        self._by_length: list[tuple[int, int, Item]] = []  # the same inputs as (length, seq, item), sorted
+        self._arrivals = itertools.count()
         self._queued_cost = 0.0
         self._next_deadline = math.inf  # no queued input expires before this (it may be earlier than the soonest)
         self._cancelled = False  # some queued input's call may have been cancelled since the last sweep
@@ -167,6 +172,8 @@ class Batcher:
             work = self.policy.work
             for item in items:
                 item.enqueued = now
+                item.seq = next(self._arrivals)
+                bisect.insort(self._by_length, (item.length, item.seq, item))
                 item.work = work(item.length)
                 self._queued_cost += item.work
                 if item.deadline is not None and item.deadline < self._next_deadline:
@@ -212,7 +219,7 @@ class Batcher:
                   exc_info=exc)
         with self._cond:
             self.state = "dead"
-            queued, self._queue = self._queue, []
+            queued, self._queue, self._by_length = self._queue, [], []
             self._admitted -= len(queued)
             self._queued_cost = 0.0
             self._next_deadline = math.inf
@@ -298,30 +305,47 @@ class Batcher:
             self._queue = [it for it in self._queue[:within] if id(it) not in gone] + self._queue[within:]
         else:
             self._queue = [it for it in self._queue if id(it) not in gone]
+        for it in items:
+            del self._by_length[bisect.bisect_left(self._by_length, (it.length, it.seq))]
         self._queued_cost = max(0.0, self._queued_cost - sum(it.work for it in items))
         self._admitted -= len(items)
 
     def _select(self) -> list[Item]:
-        """The oldest input plus its nearest neighbours by length.
+        """The oldest input plus its nearest neighbours by length among the first `sort_window` queued.
 
         A neighbour joins while the batch's cost stays within the fill target and budget, its padded share within
         `max_padding`, and its size within `max_batch_size`; of the two neighbours (next shorter, next longer) the
-        one that leaves less padding joins first.
+        one that leaves less padding joins first. The queue is kept sorted by length as inputs arrive, so this costs
+        in proportion to the batch, not to the window.
         """
         p = self.policy
-        window = self._queue[: p.sort_window]
-        lengths = [it.length for it in window]
-        work = [it.work for it in window]
-        order = sorted(range(len(window)), key=lengths.__getitem__)  # stable: equal lengths in arrival order
-        lo = hi = order.index(0)
-        longest, useful, count = lengths[0], work[0], 1
+        index = self._by_length
+        oldest = self._queue[0]
+        last = self._queue[min(p.sort_window, len(self._queue)) - 1].seq  # the window's newest input
+
+        def shorter(j: int) -> int:  # the next in-window position below j (-1: none)
+            j -= 1
+            while j >= 0 and index[j][1] > last:
+                j -= 1
+            return j
+
+        def longer(j: int) -> int:  # the next in-window position above j (len(index): none)
+            j += 1
+            while j < len(index) and index[j][1] > last:
+                j += 1
+            return j
+
+        start = bisect.bisect_left(index, (oldest.length, oldest.seq))
+        below, above = shorter(start), longer(start)
+        longest, useful, count = oldest.length, oldest.work, 1
         while count < p.max_batch_size:
             best: tuple[float, int, int] | None = None  # (padding after, side, new longest)
-            for side, j in ((-1, lo - 1), (1, hi + 1)):
-                if not 0 <= j < len(order):
+            for side, j in ((-1, below), (1, above)):
+                if not 0 <= j < len(index):
                     continue
-                new_longest = max(longest, lengths[order[j]])
-                padding = p.padding(count + 1, new_longest, useful + work[order[j]])
+                item = index[j][2]
+                new_longest = max(longest, item.length)
+                padding = p.padding(count + 1, new_longest, useful + item.work)
                 if p.cost(count + 1, new_longest) > p.limit or padding > p.max_padding + 1e-12:
                     continue
                 if best is None or padding < best[0]:
@@ -329,10 +353,14 @@ class Batcher:
             if best is None:
                 break
             _, side, longest = best
-            lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
-            useful += work[order[lo] if side < 0 else order[hi]]
+            if side < 0:
+                useful += index[below][2].work
+                below = shorter(below)
+            else:
+                useful += index[above][2].work
+                above = longer(above)
             count += 1
-        return [window[i] for i in order[lo: hi + 1]]
+        return [entry[2] for entry in index[below + 1: above] if entry[1] <= last]
 
     def _run(self, values: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         feeds = collate(self.modality, values, pad_id=self.pad_id)
