@@ -2,12 +2,12 @@
 
 The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
 inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
-order (within a window of queued inputs, kept sorted by length as they arrive) while what it will compute (inputs x longest, attention's length-squared
-term included) stays within the fill target and the budget, and its padded share within `max_padding`. A batch
-that is not full waits, at most `max_delay_s`, only while more inputs are known to be on their way (inputs being
-preprocessed, or as many as the last batches answered: closed-loop clients come back), so a tiny batch does not start
-just before a full one's worth arrives. Per-input results (pooling, packing) are finished on a second thread, a
-batch at a time, overlapping the next run.
+order (within a window of queued inputs, kept sorted by length as they arrive) while what it will compute (inputs x
+longest, attention's length-squared term included) stays within the fill target and the budget, and its padded
+share within `max_padding`. A batch that is not full waits, at most `max_delay_s`, only while more inputs are known
+to be on their way (inputs being preprocessed, or as many as the last batches answered: closed-loop clients come
+back), so a tiny batch does not start just before a full one's worth arrives. Per-input results (pooling, packing)
+are finished on a second thread, a batch at a time, overlapping the next run.
 """
 
 from __future__ import annotations
