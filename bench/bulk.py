@@ -3,6 +3,10 @@
 
     .venv/bin/python -m bench.bulk                                   # demo-text, 20k short texts
     .venv/bin/python -m bench.bulk --only memory --memory 10000,1000000
+    .venv/bin/python -m bench.bulk --only speed --model bench:base --items 500 --raw-batches 8,16,32  # base size
+
+`--model bench:PRESET` is a random-weight text model of that preset (base: 12 layers, hidden 768), built locally by
+bench.models and cached under runs/bench-models/ (minutes the first time; nothing is downloaded).
 
 One corpus of short texts (3-20 words) is made on the fly. Each contender runs in its own process, one after the
 other, on the same model file and texts, with the same ORT intra-op threads (`--threads`):
@@ -189,10 +193,22 @@ def memory(sizes: list[int], model: str, threads: int, work: Path) -> dict[str, 
     return out
 
 
+def bench_model(name: str) -> Path:
+    """A model file, a demo model name, or bench:PRESET (bench.models' random text model of that preset)."""
+    if name.startswith("bench:"):
+        from bench.models import ensure_models
+
+        return (ensure_models(["text"], name.removeprefix("bench:")) / "text.onnx").resolve()
+    from d2v_serve.bulk.cli import model_file
+
+    return model_file(name).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.bulk", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo-text", help="a text model file or a demo model name")
+    p.add_argument("--model", default="demo-text", help="a text model file, a demo model name, or bench:PRESET "
+                                                          "(a random text model of that preset, e.g. bench:base)")
     p.add_argument("--items", type=int, default=20000, help="texts in the corpus")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (raw ORT, local, server)")
     p.add_argument("--raw-batches", default="8,16,32,64")
@@ -207,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         report.check_doc_sections(["bulk", "bulk:memory"])
 
-    from d2v_serve.bulk.cli import model_file
-
-    model_path = model_file(args.model).resolve()
+    model_path = bench_model(args.model)
     results: dict[str, Any] = {"command": "python -m bench.bulk " + " ".join(argv or sys.argv[1:]),
                                "model": str(model_path), "items": args.items, "threads": args.threads,
                                "cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()]}

@@ -57,7 +57,8 @@ class ServerConfig:
                                                                      "so small tight batches lose nothing (0: fill "
                                                                      "to the budget; -1: 40 on CPU, about 240 "
                                                                      "positions of a base model, 0 on CUDA)"})
-    sort_window: int = field(default=512, metadata={"help": "queued inputs sorted by length when forming a batch"})
+    sort_window: int = field(default=2048, metadata={"help": "the oldest queued inputs a batch is formed from, by "
+                                                              "length (default: a full --max-queue)"})
     max_queue: int = field(default=2048, metadata={"help": "inputs admitted per model (preprocessing or queued); "
                                                             "beyond: RESOURCE_EXHAUSTED"})
     length_buckets: int = field(default=-1, metadata={"help": "batch lengths (tokens, samples) round up to one of N "

@@ -199,5 +199,5 @@ def test_a_relay_outlives_its_event_loop() -> None:
 
     assert asyncio.run(one("first")) == ["first"]
     late = _futures(1)  # a result that lands after its loop closed is dropped, and does not block the next loop
-    relay._push(None, late[0])  # type: ignore[arg-type] - never settled: the loop is closed
+    relay._push(None, 0, late[0])  # type: ignore[arg-type] - never settled: the loop is closed
     assert asyncio.run(one("second")) == ["second"]

@@ -77,6 +77,18 @@ def test_select_only_looks_within_the_sort_window() -> None:
     assert _take(b) == [10, 300, 300]
 
 
+def test_the_length_index_holds_exactly_the_queue_through_takes_and_drops() -> None:
+    b = _batcher([30, 10, 20, 10, 40, 20, 10], max_batch_size=2, budget=10_000, max_padding=0.9, sort_window=4)
+    b.reserve(2)
+    late = _items([15, 25], deadline=time.monotonic() - 1)
+    b.submit(late)
+    b._drop_expired(time.monotonic())
+    while b._queue:
+        assert [e[2] for e in b._by_length] == sorted(b._queue, key=lambda it: (it.length, it.seq))
+        _take(b)
+    assert b._by_length == [] and b.depth == 0
+
+
 def test_padding_cap_holds_for_every_batch_and_the_oldest_is_always_served() -> None:
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(8_000, 160_000, size=300)]  # 0.5-10 s of 16 kHz audio

@@ -45,11 +45,14 @@ def embedding(model: Model, p: Prepared, results: list[ItemResult], options: Out
 
 def result(model: Model, request: EmbedRequest, prepared: list[Prepared], results: list[ItemResult],
            options: OutputOptions, plan: ChunkPlan | None, preprocess_s: float, total_s: float) -> EmbedResult:
-    embeddings, first = [], 0
-    for p in prepared:
-        count = len(p.values)
-        embeddings.append(embedding(model, p, results[first: first + count], options, plan))
-        first += count
+    if plan is None:  # one item per input
+        embeddings = [Embedding(r.value, r.positions, p.truncated) for p, r in zip(prepared, results, strict=True)]
+    else:
+        embeddings, first = [], 0
+        for p in prepared:
+            count = len(p.values)
+            embeddings.append(embedding(model, p, results[first: first + count], options, plan))
+            first += count
     positions = [e.positions for e in embeddings]
     usage = Usage(inputs=len(embeddings), positions=sum(positions))
     if model.modality == "text":

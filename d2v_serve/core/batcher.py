@@ -2,18 +2,21 @@
 
 The worker forms the next batch the moment the session is free, from everything queued: expired and cancelled
 inputs are dropped at dequeue, the oldest input is always taken, and the batch grows with its neighbours in length
-order (within a window of queued inputs) while what it will compute (inputs x longest, attention's length-squared
-term included) stays within the fill target and the budget, and its padded share within `max_padding`. A batch
-that is not full waits, at most `max_delay_s`, only while more inputs are known to be on their way (inputs being
-preprocessed, or as many as the last batches answered: closed-loop clients come back), so a tiny batch does not start
-just before a full one's worth arrives. Per-input results (pooling, packing) are finished on a second thread, a
-batch at a time, overlapping the next run.
+order (within a window of queued inputs, kept sorted by length as they arrive) while what it will compute (inputs x
+longest, attention's length-squared term included) stays within the fill target and the budget, and its padded
+share within `max_padding`. A batch that is not full waits, at most `max_delay_s`, only while more inputs are known
+to be on their way (inputs being preprocessed, or as many as the last batches answered: closed-loop clients come
+back), so a tiny batch does not start just before a full one's worth arrives. Per-input results (pooling, packing)
+are finished on a second thread, a batch at a time, overlapping the next run.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +46,7 @@ class BatchPolicy:
     length_buckets: int = 0  # batch lengths round up to one of this many per doubling (0: exact lengths)
     max_length: int = 0  # padding never goes beyond this (text: the model's positions); 0: no cap
     max_delay_s: float = 0.002
-    sort_window: int = 512
+    sort_window: int = 2048
     max_queue: int = 2048
 
     @property
@@ -75,7 +78,7 @@ class BatchPolicy:
         return min(n, max(self.max_length, length)) if self.max_length else n
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     """One prepared input waiting for the model. `finish` maps its [positions, hidden] output to the result."""
 
@@ -86,6 +89,8 @@ class Item:
     deadline: float | None = None  # time.monotonic() value
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = 0.0
+    work: float = 0.0  # policy.work(length), set when queued
+    seq: int = 0  # arrival number, set when queued
 
 
 @dataclass
@@ -104,7 +109,11 @@ class Batcher:
         self._on_death = on_death
         self._cond = threading.Condition()
         self._queue: list[Item] = []  # arrival order
+        self._by_length: list[tuple[int, int, Item]] = []  # the same inputs as (length, seq, item), sorted
+        self._arrivals = itertools.count()
         self._queued_cost = 0.0
+        self._next_deadline = math.inf  # no queued input expires before this (it may be earlier than the soonest)
+        self._cancelled = False  # some queued input's call may have been cancelled since the last sweep
         self._admitted = 0  # reserved slots: inputs being preprocessed or queued
         self._returning = 0  # inputs answered lately whose clients have not come back yet (closed loops do)
         self._free_since = 0.0  # when the session last finished a batch
@@ -160,11 +169,22 @@ class Batcher:
             if self.state == "dead":
                 self._admitted -= len(items)
                 raise unavailable(f"model {self.name} is down (its worker stopped)")
+            work = self.policy.work
             for item in items:
                 item.enqueued = now
-                self._queued_cost += self.policy.work(item.length)
+                item.seq = next(self._arrivals)
+                bisect.insort(self._by_length, (item.length, item.seq, item))
+                item.work = work(item.length)
+                self._queued_cost += item.work
+                if item.deadline is not None and item.deadline < self._next_deadline:
+                    self._next_deadline = item.deadline
             self._queue.extend(items)
             self._cond.notify()
+
+    def cancelled(self) -> None:
+        """Some queued inputs' call was cancelled (their futures are): the next batch formation drops them."""
+        with self._cond:
+            self._cancelled = True
 
     def close(self, timeout: float | None = None) -> None:
         """Finish everything admitted, then stop the worker."""
@@ -199,9 +219,10 @@ class Batcher:
                   exc_info=exc)
         with self._cond:
             self.state = "dead"
-            queued, self._queue = self._queue, []
+            queued, self._queue, self._by_length = self._queue, [], []
             self._admitted -= len(queued)
             self._queued_cost = 0.0
+            self._next_deadline = math.inf
         for item in queued:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(unavailable(f"model {self.name} is down (its worker stopped)"))
@@ -223,7 +244,7 @@ class Batcher:
                     if not self._queue:
                         continue
                     batch = self._select()
-                    self._remove(batch)
+                    self._remove(batch, self.policy.sort_window)
                     batch = [it for it in batch if it.future.set_running_or_notify_cancel()]
                     if batch:
                         return batch
@@ -254,8 +275,13 @@ class Batcher:
         return due - now
 
     def _drop_expired(self, now: float) -> None:
-        """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed."""
+        """Drop queued inputs whose call was cancelled (client gone) or whose deadline has passed. The queue is
+        swept only when one may have (a cancellation was reported, or the soonest deadline is due): a sweep per
+        batch costs as much as the rest of batch formation on a deep queue."""
+        if not self._cancelled and now < self._next_deadline:
+            return
         dropped = []
+        soonest = math.inf
         for item in self._queue:
             if item.future.cancelled():
                 dropped.append(item)
@@ -266,36 +292,60 @@ class Batcher:
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(deadline_exceeded(
                         f"deadline passed after {now - item.enqueued:.3f} s in the queue of model {self.name}"))
+            elif item.deadline is not None and item.deadline < soonest:
+                soonest = item.deadline
+        self._cancelled, self._next_deadline = False, soonest
         if dropped:
             self._remove(dropped)
 
-    def _remove(self, items: list[Item]) -> None:
+    def _remove(self, items: list[Item], within: int = 0) -> None:
+        """Take `items` off the queue; `within`: they are all among its first `within` (the sort window)."""
         gone = {id(it) for it in items}
-        self._queue = [it for it in self._queue if id(it) not in gone]
-        self._queued_cost = max(0.0, self._queued_cost - sum(self.policy.work(it.length) for it in items))
+        if 0 < within < len(self._queue):
+            self._queue = [it for it in self._queue[:within] if id(it) not in gone] + self._queue[within:]
+        else:
+            self._queue = [it for it in self._queue if id(it) not in gone]
+        for it in items:
+            del self._by_length[bisect.bisect_left(self._by_length, (it.length, it.seq))]
+        self._queued_cost = max(0.0, self._queued_cost - sum(it.work for it in items))
         self._admitted -= len(items)
 
     def _select(self) -> list[Item]:
-        """The oldest input plus its nearest neighbours by length.
+        """The oldest input plus its nearest neighbours by length among the first `sort_window` queued.
 
         A neighbour joins while the batch's cost stays within the fill target and budget, its padded share within
         `max_padding`, and its size within `max_batch_size`; of the two neighbours (next shorter, next longer) the
-        one that leaves less padding joins first.
+        one that leaves less padding joins first. The queue is kept sorted by length as inputs arrive, so this costs
+        in proportion to the batch, not to the window.
         """
         p = self.policy
-        window = self._queue[: p.sort_window]
-        lengths = [it.length for it in window]
-        work = [p.work(n) for n in lengths]
-        order = sorted(range(len(window)), key=lambda i: (lengths[i], i))
-        lo = hi = order.index(0)
-        longest, useful, count = lengths[0], work[0], 1
+        index = self._by_length
+        oldest = self._queue[0]
+        last = self._queue[min(p.sort_window, len(self._queue)) - 1].seq  # the window's newest input
+
+        def shorter(j: int) -> int:  # the next in-window position below j (-1: none)
+            j -= 1
+            while j >= 0 and index[j][1] > last:
+                j -= 1
+            return j
+
+        def longer(j: int) -> int:  # the next in-window position above j (len(index): none)
+            j += 1
+            while j < len(index) and index[j][1] > last:
+                j += 1
+            return j
+
+        start = bisect.bisect_left(index, (oldest.length, oldest.seq))
+        below, above = shorter(start), longer(start)
+        longest, useful, count = oldest.length, oldest.work, 1
         while count < p.max_batch_size:
             best: tuple[float, int, int] | None = None  # (padding after, side, new longest)
-            for side, j in ((-1, lo - 1), (1, hi + 1)):
-                if not 0 <= j < len(order):
+            for side, j in ((-1, below), (1, above)):
+                if not 0 <= j < len(index):
                     continue
-                new_longest = max(longest, lengths[order[j]])
-                padding = p.padding(count + 1, new_longest, useful + work[order[j]])
+                item = index[j][2]
+                new_longest = max(longest, item.length)
+                padding = p.padding(count + 1, new_longest, useful + item.work)
                 if p.cost(count + 1, new_longest) > p.limit or padding > p.max_padding + 1e-12:
                     continue
                 if best is None or padding < best[0]:
@@ -303,10 +353,14 @@ class Batcher:
             if best is None:
                 break
             _, side, longest = best
-            lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
-            useful += work[order[lo] if side < 0 else order[hi]]
+            if side < 0:
+                useful += index[below][2].work
+                below = shorter(below)
+            else:
+                useful += index[above][2].work
+                above = longer(above)
             count += 1
-        return [window[i] for i in order[lo: hi + 1]]
+        return [entry[2] for entry in index[below + 1: above] if entry[1] <= last]
 
     def _run(self, values: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         feeds = collate(self.modality, values, pad_id=self.pad_id)

@@ -193,7 +193,11 @@ class EmbeddingCore:
             if not items:
                 batcher.release(reserved)
             raise
-        results = await self._relay.gather([it.future for it in items])
+        try:
+            results = await self._relay.gather([it.future for it in items])
+        except BaseException:
+            batcher.cancelled()  # the relay cancelled the call's queued inputs: the batcher drops them
+            raise
         stamps.batches = [r.batch for r in results if r.batch is not None]
         return assembly.result(model, request, prepared, results, options, plan, preprocess_s,
                                time.perf_counter() - start)

@@ -11,22 +11,31 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-Done = tuple["_Waiter", concurrent.futures.Future]
+Done = tuple["_Waiter", int, concurrent.futures.Future]
 
 
 class _Waiter:
-    """One caller's items: its loop future resolves when all are done, or at the first that failed."""
+    """One caller's items: its loop future resolves when all are done (their results collected as they come, one
+    look at each future), or at the first that failed (`failed`)."""
 
-    __slots__ = ("future", "remaining")
+    __slots__ = ("failed", "future", "remaining", "results")
 
     def __init__(self, future: asyncio.Future, count: int) -> None:
         self.future, self.remaining = future, count
+        self.results: list[Any] = [None] * count
+        self.failed = False
 
-    def settle(self, item: concurrent.futures.Future) -> None:
+    def settle(self, index: int, item: concurrent.futures.Future) -> None:
         if self.future.done():
             return
+        try:
+            self.results[index] = item.result()  # done: at once
+        except BaseException:  # noqa: BLE001 - failed or cancelled: the caller finds which
+            self.failed = True
+            self.future.set_result(None)
+            return
         self.remaining -= 1
-        if self.remaining == 0 or item.cancelled() or item.exception() is not None:
+        if self.remaining == 0:
             self.future.set_result(None)
 
 
@@ -50,28 +59,27 @@ class Relay:
             with self._lock:
                 self._loop, self._done, self._scheduled = loop, [], False
         waiter = _Waiter(self._loop.create_future(), len(futures))
-        for f in futures:
-            f.add_done_callback(lambda item, w=waiter: self._push(w, item))
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda item, w=waiter, i=i: self._push(w, i, item))
         try:
             await waiter.future
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
-        failed = [f for f in futures if f.done() and (f.cancelled() or f.exception() is not None)]
-        if failed:
-            for f in futures:
-                f.cancel()
-            first = failed[0]
-            if first.cancelled():
-                raise asyncio.CancelledError()
-            raise first.exception()  # type: ignore[misc] - checked above
-        return [f.result() for f in futures]
+        if not waiter.failed:
+            return waiter.results
+        first = next(f for f in futures if f.done() and (f.cancelled() or f.exception() is not None))  # in order
+        for f in futures:
+            f.cancel()
+        if first.cancelled():
+            raise asyncio.CancelledError()
+        raise first.exception()  # type: ignore[misc] - checked above
 
-    def _push(self, waiter: _Waiter, item: concurrent.futures.Future) -> None:
+    def _push(self, waiter: _Waiter, index: int, item: concurrent.futures.Future) -> None:
         """Any thread: note a finished item; the first of a burst schedules the loop's `_flush`."""
         with self._lock:
-            self._done.append((waiter, item))
+            self._done.append((waiter, index, item))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -84,5 +92,5 @@ class Relay:
     def _flush(self) -> None:
         with self._lock:
             done, self._done, self._scheduled = self._done, [], False
-        for waiter, item in done:
-            waiter.settle(item)
+        for waiter, index, item in done:
+            waiter.settle(index, item)
