@@ -173,11 +173,12 @@ def server_contenders(corpus: Path, one: Path, model_file: Path, threads: int, w
     return out
 
 
-def ray_replicas(corpus: Path, model: str, work: Path, replicas: list[int], shard_size: int) -> dict[str, Any]:
+def ray_replicas(corpus: Path, model: str, work: Path, replicas: list[int]) -> dict[str, Any]:
+    """The job as a user runs it (the default shard size), one replica count after another."""
     out = {}
     for n in replicas:
         run = run_measured(bulk_command(corpus, model, work / f"ray-{n}", "--engine", "ray", "--replicas", str(n),
-                                        "--threads", "1", "--shard-size", str(shard_size)))
+                                        "--threads", "1"))
         out[str(n)] = {**summary(run["stdout"]), "process_wall_s": round(run["wall_s"], 2),
                        "load_after": round(os.getloadavg()[0], 2)}
     return out
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                      / results["server_loop"]["items_per_cpu_s"], 3)}
         if "ray" in parts:
             replicas = [int(r) for r in args.replicas.split(",")]
-            results["ray"] = ray_replicas(corpus, str(model_path), work, replicas, max(1, args.items // 8))
+            results["ray"] = ray_replicas(corpus, str(model_path), work, replicas)
             if {"1", "2"} <= set(results["ray"]):
                 results.setdefault("ratios", {})["ray_2_vs_1"] = round(
                     results["ray"]["2"]["job_items_per_s"] / results["ray"]["1"]["job_items_per_s"], 3)

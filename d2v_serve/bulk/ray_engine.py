@@ -50,6 +50,9 @@ from .sources import Failure, Record, Source, load
 
 _RECORD_TYPES = {"ordinal": pa.int64(), "text": pa.string(), "path": pa.string(), "data": pa.binary(),
                  "error": pa.string()}
+# blocks queued per actor: one, so that a block goes to whichever actor is free (two blocks of a slow model queued
+# on one actor while another idles would halve the pool), while the actor's engine pipelines within its block
+_IN_FLIGHT = 1
 _SHARDS_PER_REPLICA = 2  # a wave (one Ray dataset, its actors started once) is this many shards per replica
 
 
@@ -79,33 +82,36 @@ def _records_table(first: int, records: list[Record], id_type: pa.DataType) -> p
 
 
 class ShardSource(Datasource):
-    """The wave's shards as Ray read tasks, one per shard, each yielding its records (ordinal, id, text, path, data,
-    error) in blocks of at most `block_rows` that never straddle two shards."""
+    """The wave's shards as Ray read tasks of at most `block_rows` records (ordinal, id, text, path, data, error) each,
+    none straddling two shards: one block per task, so that each block goes to whichever actor is free (Ray joins
+    the blocks one task yields into one, which one actor would then embed alone)."""
 
     def __init__(self, source: Source, shards: list[Shard], id_type: pa.DataType, block_rows: int) -> None:
         super().__init__()
         self.source, self.shards, self.id_type, self.block_rows = source, shards, id_type, block_rows
+        self.tasks = sum(-(-shard.count // block_rows) for shard in shards)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(self._reader(shard), BlockMetadata(num_rows=shard.count, size_bytes=None, exec_stats=None))
-                for shard in self.shards]
+        tasks = []
+        for shard in self.shards:
+            for first in range(shard.first, shard.first + shard.count, self.block_rows):
+                count = min(self.block_rows, shard.first + shard.count - first)
+                records = None if shard.records is None else shard.records[first - shard.first:][:count]
+                tasks.append(ReadTask(self._reader(first, count, records),
+                                      BlockMetadata(num_rows=count, size_bytes=None, exec_stats=None)))
+        return tasks
 
-    def _reader(self, shard: Shard) -> Any:
-        source, id_type, step = self.source, self.id_type, self.block_rows
+    def _reader(self, first: int, count: int, records: list[Record] | None) -> Any:
+        source, id_type = self.source, self.id_type
 
         def read() -> Iterable[pa.Table]:
-            if shard.records is None:
-                blocks = source.parquet_blocks(shard.first, shard.count, step)
-            else:
-                blocks = (shard.records[i: i + step] for i in range(0, shard.count, step))
-            first = shard.first
-            for records in blocks:
-                yield _records_table(first, records, id_type)
-                first += len(records)
+            # a Parquet input's rows are read here, on the node that runs the task, from the row groups that hold them
+            rows = records if records is not None else next(source.parquet_blocks(first, count, count), [])
+            yield _records_table(first, rows, id_type)
 
         return read
 
@@ -115,7 +121,9 @@ class _Embedder:
     carry `code` and `reason`, and an empty embedding the writer drops)."""
 
     def __init__(self, model_path: str, options: dict[str, Any], threads: int, batch_size: int) -> None:
-        config = ServerConfig(http_port=0, metrics_port=0, intra_op_threads=threads)
+        # the actor holds `threads` of Ray's CPUs: ORT and the preprocessing pool take that many threads (and the
+        # tokenizer's pool, through RAYON_NUM_THREADS in the actor's environment), so replicas share no cores
+        config = ServerConfig(http_port=0, metrics_port=0, intra_op_threads=threads, preprocess_workers=threads)
         self.engine = LocalEngine(model_path, _options_from(options), batch_size=batch_size, config=config)
         self.batch_size = batch_size
         self.per_position = options["pooling"] == "none"
@@ -260,7 +268,8 @@ class RayJob:
             for wave in self._waves(source, job, shard_size):
                 job.staging.mkdir(exist_ok=True)
                 sink = ShardSink(job.staging, schema, shard_size, _rows_per_group(options))
-                self._embed(source, wave, options, schema).write_datasink(sink, ray_remote_args={"num_cpus": 0})
+                self._embed(source, wave, options, schema).write_datasink(sink, ray_remote_args={"num_cpus": 0},
+                                                                         concurrency=self.replicas)
                 for shard in wave:
                     rows, errors = commit_shard(job, shard, sink.pieces, schema, sink.rows_per_group, fail_fast)
                     items += rows + len(errors)
@@ -308,10 +317,15 @@ class RayJob:
     def _embed(self, source: Source, wave: list[Shard], options: dict[str, Any], schema: pa.Schema) -> Any:
         """The wave as a Ray dataset: read tasks, then an actor pool of `replicas` embedders."""
         reader = ShardSource(source, wave, schema.field("id").type, 4 * self.batch_size)
-        records = ray.data.read_datasource(reader, override_num_blocks=len(wave), num_cpus=0)
+        # reads and writes ask for no CPU (they wait on storage, and the actors hold the CPUs); `concurrency` bounds
+        # how many run at once, else Ray would start a worker process for every one of them
+        records = ray.data.read_datasource(reader, override_num_blocks=reader.tasks, num_cpus=0,
+                                           concurrency=self.replicas)
         return records.map_batches(
             _Embedder, batch_format="pyarrow", batch_size=None,
-            compute=ray.data.ActorPoolStrategy(size=self.replicas), num_cpus=min(self.threads, self.cpus),
+            compute=ray.data.ActorPoolStrategy(size=self.replicas, max_tasks_in_flight_per_actor=_IN_FLIGHT),
+            num_cpus=min(self.threads, self.cpus),
+            runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(self.threads)}},
             fn_constructor_kwargs={"model_path": str(self.path), "options": options, "threads": self.threads,
                                    "batch_size": self.batch_size})
 
