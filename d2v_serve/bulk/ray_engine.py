@@ -2,13 +2,13 @@
 the input read and the shards written by Ray Data's tasks, on the nodes that run them.
 
 The manifest, errors.jsonl and resuming are the local job's (`job.JobDir`). Each wave of unfinished shards is one Ray
-dataset: a datasource with a read task per shard (a Parquet input's read task reads only that shard's row groups;
-other inputs are listed by the driver, and the actors read the files they name), `map_batches` through an actor pool of
-`replicas` embedders (typed Arrow rows out), and a datasink whose write tasks write each shard's rows to a Parquet
-piece under `DIR/.staging/` (synced) and return the piece's name, row count and error lines. When the wave's writes
-are done the driver commits: a shard whose rows all arrived in one piece is renamed into place (pieces of one shard
-that Ray split across blocks are joined first), its errors appended, the manifest updated, as the local job does. A job
-killed mid-wave leaves only pieces, which the next run removes. Needs the `ray` extra.
+dataset: a datasource with a read task per block of records (a Parquet input's task reads its rows from the row groups
+that hold them; other inputs are listed by the driver, and the actors read the files they name), `map_batches` through
+an actor pool of `replicas` embedders (typed Arrow rows out), and a datasink whose write tasks write each shard's rows
+to a Parquet piece under `DIR/.staging/` (synced) and return the piece's name, row count and error lines. When the
+wave's writes are done the driver commits: a shard whose rows all arrived in one piece is renamed into place (pieces
+of one shard that Ray split across write tasks are joined first), its errors appended, the manifest updated, as the
+local job does. A job killed mid-wave leaves only pieces, which the next run removes. Needs the `ray` extra.
 """
 
 from __future__ import annotations
