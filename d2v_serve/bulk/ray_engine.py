@@ -269,7 +269,7 @@ class RayJob:
                 job.staging.mkdir(exist_ok=True)
                 sink = ShardSink(job.staging, schema, shard_size, _rows_per_group(options))
                 self._embed(source, wave, options, schema).write_datasink(sink, ray_remote_args={"num_cpus": 0},
-                                                                         concurrency=self.replicas)
+                                                                         concurrency=min(self.replicas, len(wave)))
                 for shard in wave:
                     rows, errors = commit_shard(job, shard, sink.pieces, schema, sink.rows_per_group, fail_fast)
                     items += rows + len(errors)
@@ -319,11 +319,12 @@ class RayJob:
         reader = ShardSource(source, wave, schema.field("id").type, 4 * self.batch_size)
         # reads and writes ask for no CPU (they wait on storage, and the actors hold the CPUs); `concurrency` bounds
         # how many run at once, else Ray would start a worker process for every one of them
+        replicas = min(self.replicas, reader.tasks)  # no more actors (and model loads) than the wave has blocks
         records = ray.data.read_datasource(reader, override_num_blocks=reader.tasks, num_cpus=0,
-                                           concurrency=self.replicas)
+                                           concurrency=replicas)
         return records.map_batches(
             _Embedder, batch_format="pyarrow", batch_size=None,
-            compute=ray.data.ActorPoolStrategy(size=self.replicas, max_tasks_in_flight_per_actor=_IN_FLIGHT),
+            compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=_IN_FLIGHT),
             num_cpus=min(self.threads, self.cpus),
             runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(self.threads)}},
             fn_constructor_kwargs={"model_path": str(self.path), "options": options, "threads": self.threads,
