@@ -235,12 +235,12 @@ def test_ray_commit_joins_a_shard_that_ray_wrote_in_pieces(tmp_path: Path) -> No
 
     job = JobDir.open(tmp_path / "out", {"job": 1})
     job.staging.mkdir()
-    sink = ShardSink(job.staging, schema, 10, 1024)
+    sink = ShardSink(job.staging, schema, 10)
     pieces = sink.write([block(5, 7)], None) + sink.write([block(12, 8, bad=15)], None)  # shard 0's tail, shard 1
     assert [(p["shard"], p["first"], p["count"]) for p in pieces] == [(0, 5, 5), (1, 10, 2), (1, 12, 8)]
     with pytest.raises(JobFailed, match="part-00000.parquet: Ray wrote 5 of its 10 rows"):
-        commit_shard(job, Shard(0, 0, 10), pieces, schema, 1024)
-    assert commit_shard(job, Shard(1, 10, 10), pieces, schema, 1024) == (9, [
+        commit_shard(job, Shard(0, 0, 10), pieces, schema)
+    assert commit_shard(job, Shard(1, 10, 10), pieces, schema) == (9, [
         {"id": 15, "code": "INVALID_ARGUMENT", "reason": "too long"}])
     table = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert table.column("id").to_pylist() == [10, 11, 12, 13, 14, 16, 17, 18, 19]

@@ -76,12 +76,18 @@ def embedding_array(vectors: list[np.ndarray], hidden_size: int, per_position: b
 
 
 class ShardWriter:
-    """One shard's rows, written a row group at a time to its temporary file."""
+    """One shard's rows, written a row group at a time to its temporary file: 1024 pooled vectors a group, 64 inputs'
+    per-position outputs (`schema` tells which)."""
 
-    def __init__(self, path: Path, schema: Any, rows_per_group: int) -> None:
+    def __init__(self, path: Path, schema: Any) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.path, self.schema, self.rows_per_group = path, schema, rows_per_group
+        self.path, self.schema = path, schema
+        vector_type = schema.field("embedding").type
+        self.per_position = pa.types.is_list(vector_type)
+        self.hidden = (vector_type.value_type if self.per_position else vector_type).list_size
+        self.rows_per_group = 64 if self.per_position else 1024
         # no dictionary encoding: it never pays on float vectors, and trying costs more CPU than the rest of the write
         self._writer = pq.ParquetWriter(path, schema, use_dictionary=False)
         self.rows = 0
@@ -101,11 +107,9 @@ class ShardWriter:
 
         if not self._ids:
             return
-        vector_type = self.schema.field("embedding").type
-        per_position = pa.types.is_list(vector_type)
-        hidden = (vector_type.value_type if per_position else vector_type).list_size
         columns = [pa.array(self._ids, self.schema.field("id").type),
-                   embedding_array(self._vectors, hidden, per_position), pa.array(self._positions, pa.int32())]
+                   embedding_array(self._vectors, self.hidden, self.per_position),
+                   pa.array(self._positions, pa.int32())]
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.rows += len(self._ids)
         self._ids, self._vectors, self._positions = [], [], []
@@ -335,9 +339,7 @@ def run_job(source: Source, engine: Engine, job: JobDir, *, options: dict[str, A
     """Embed every record of the unfinished shards and commit each shard when its last batch is written."""
     start = time.monotonic()
     skipped = job.done_items
-    per_position = options["pooling"] == "none"
-    schema = output_schema(engine.hidden_size, options["dtype"], per_position, source.ids_are_paths)
-    rows_per_group = 64 if per_position else 1024
+    schema = output_schema(engine.hidden_size, options["dtype"], options["pooling"] == "none", source.ids_are_paths)
     pending: collections.deque[_Batch] = collections.deque()
     writer: ShardWriter | None = None
     errors: list[dict[str, Any]] = []
@@ -352,7 +354,7 @@ def run_job(source: Source, engine: Engine, job: JobDir, *, options: dict[str, A
         for outcomes in engine.embed_batches(inputs()):
             batch = pending.popleft()
             if writer is None:
-                writer = ShardWriter(job.tmp_path(batch.shard), schema, rows_per_group)
+                writer = ShardWriter(job.tmp_path(batch.shard), schema)
             results = iter(outcomes)
             batch_errors = 0
             for record, item in zip(batch.records, batch.loaded, strict=True):

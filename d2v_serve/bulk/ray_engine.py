@@ -62,10 +62,6 @@ def _options_from(d: dict[str, Any]) -> EmbedOptions:
                         Chunking(c["enabled"], c["window"], c["overlap"]))
 
 
-def _rows_per_group(options: dict[str, Any]) -> int:
-    return 64 if options["pooling"] == "none" else 1024
-
-
 @dataclass(frozen=True)
 class Shard:
     index: int
@@ -100,7 +96,8 @@ class ShardSource(Datasource):
         for shard in self.shards:
             for first in range(shard.first, shard.first + shard.count, self.block_rows):
                 count = min(self.block_rows, shard.first + shard.count - first)
-                records = None if shard.records is None else shard.records[first - shard.first:][:count]
+                at = first - shard.first
+                records = None if shard.records is None else shard.records[at: at + count]
                 tasks.append(ReadTask(self._reader(first, count, records),
                                       BlockMetadata(num_rows=count, size_bytes=None, exec_stats=None)))
         return tasks
@@ -167,9 +164,8 @@ class ShardSink(Datasink):
     synced Parquet piece per shard under the staging folder, named by the shard and its first ordinal (a retried task
     rewrites the same names). After the write `pieces` lists what every task wrote; the driver commits them."""
 
-    def __init__(self, staging: Path, schema: pa.Schema, shard_size: int, rows_per_group: int) -> None:
-        self.staging, self.schema = staging, schema
-        self.shard_size, self.rows_per_group = shard_size, rows_per_group
+    def __init__(self, staging: Path, schema: pa.Schema, shard_size: int) -> None:
+        self.staging, self.schema, self.shard_size = staging, schema, shard_size
         self.pieces: list[dict[str, Any]] = []
 
     @property
@@ -188,7 +184,7 @@ class ShardSink(Datasink):
                         written.append(self._close(piece, writer))  # type: ignore[arg-type] - set with writer
                     piece = {"shard": first // self.shard_size, "first": first, "next": first, "errors": []}
                     path = self.staging / f"{shard_name(piece['shard'])}.{first}.tmp"
-                    writer = ShardWriter(path, self.schema, self.rows_per_group)
+                    writer = ShardWriter(path, self.schema)
                 failed = pc.is_valid(part.column("code"))
                 writer.write(part.filter(pc.invert(failed)).select(self.schema.names))  # type: ignore[union-attr]
                 piece["errors"] += [error_line(Record(r["id"]), Failure(r["code"], r["reason"]))
@@ -210,7 +206,7 @@ class ShardSink(Datasink):
         self.pieces = [p for returned in write_result.write_returns for p in returned]
 
 
-def commit_shard(job: JobDir, shard: Shard, pieces: list[dict[str, Any]], schema: pa.Schema, rows_per_group: int,
+def commit_shard(job: JobDir, shard: Shard, pieces: list[dict[str, Any]], schema: pa.Schema,
                  fail_fast: bool = False) -> tuple[int, list[dict[str, Any]]]:
     """The commit step, on the driver: the shard's pieces become its file (renamed when Ray wrote it in one piece,
     joined in order otherwise), then the job commits it; with --fail-fast, a shard with an error stops the job
@@ -226,7 +222,7 @@ def commit_shard(job: JobDir, shard: Shard, pieces: list[dict[str, Any]], schema
     if len(mine) == 1:
         os.replace(mine[0]["path"], job.tmp_path(shard.index))
     else:
-        writer = ShardWriter(job.tmp_path(shard.index), schema, rows_per_group)
+        writer = ShardWriter(job.tmp_path(shard.index), schema)
         for p in mine:
             writer.write(pq.read_table(p["path"], schema=schema))
         writer.close()
@@ -261,17 +257,16 @@ class RayJob:
         """Embed the unfinished shards a wave at a time; each wave's shards are committed when its writes are done."""
         start = time.monotonic()
         skipped = job.done_items
-        per_position = options["pooling"] == "none"
-        schema = output_schema(self.hidden_size, options["dtype"], per_position, source.ids_are_paths)
+        schema = output_schema(self.hidden_size, options["dtype"], options["pooling"] == "none", source.ids_are_paths)
         items = failed = 0
         try:
             for wave in self._waves(source, job, shard_size):
                 job.staging.mkdir(exist_ok=True)
-                sink = ShardSink(job.staging, schema, shard_size, _rows_per_group(options))
+                sink = ShardSink(job.staging, schema, shard_size)
                 self._embed(source, wave, options, schema).write_datasink(sink, ray_remote_args={"num_cpus": 0},
                                                                          concurrency=min(self.replicas, len(wave)))
                 for shard in wave:
-                    rows, errors = commit_shard(job, shard, sink.pieces, schema, sink.rows_per_group, fail_fast)
+                    rows, errors = commit_shard(job, shard, sink.pieces, schema, fail_fast)
                     items += rows + len(errors)
                     failed += len(errors)
                     if progress is not None:
